@@ -118,10 +118,16 @@ def _generation_options(tokenizer, template: Template, generation_config: dict) 
     return options
 
 
+def turn_question(question: str, history: list | None, pixel_values: Tensor | None) -> str:
+    """The question as the official chat() asks and records it: a first turn with an image gets "<image>\n"."""
+    if history is None and pixel_values is not None and "<image>" not in question:
+        return "<image>\n" + question
+    return question
+
+
 def _prepare(model, tokenizer, pixel_values, question, history, num_patches_list, system_message):
     """The (possibly <image>-prefixed) question and the encoded prompt of one chat turn."""
-    if history is None and pixel_values is not None and "<image>" not in question:
-        question = "<image>\n" + question
+    question = turn_question(question, history, pixel_values)
     if num_patches_list is None:
         num_patches_list = [] if pixel_values is None else [pixel_values.shape[0]]
     _check_images(model, tokenizer, pixel_values, num_patches_list)
