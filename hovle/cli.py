@@ -1,0 +1,160 @@
+"""`hovle` command line: chat (one question, or an interactive session) and info."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, no traceback."""
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def _load(args):
+    from hovle import HoVLE, load_tokenizer
+
+    path = Path(args.model)
+    if not path.is_dir():
+        raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json)")
+    model = HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device))
+    return model, load_tokenizer(path)
+
+
+def _images(model, args):
+    """pixel_values [tiles, 3, S, S] and tiles per image, or (None, None) without images."""
+    from hovle import load_image, load_video
+    from hovle.image import video_prompt_prefix
+
+    cfg = model.config
+    max_tiles = args.max_tiles or (cfg.max_dynamic_patch if cfg.dynamic_image_size else 1)
+    if args.video:
+        pixel_values, counts = load_video(args.video, num_segments=args.frames, max_num=1, input_size=cfg.tile_size)
+        return pixel_values, counts, video_prompt_prefix(len(counts))
+    if not args.image:
+        return None, None, ""
+    tiles = [load_image(p, input_size=cfg.tile_size, max_num=max_tiles, min_num=cfg.min_dynamic_patch,
+                        use_thumbnail=cfg.use_thumbnail) for p in args.image]
+    prefix = "".join(f"Image-{i + 1}: <image>\n" for i in range(len(tiles))) if len(tiles) > 1 else ""
+    return torch.cat(tiles), [t.shape[0] for t in tiles], prefix
+
+
+def _generation_config(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature or 1.0, top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+
+
+def cmd_chat(args) -> None:
+    from hovle.chat import turn_question
+
+    model, tokenizer = _load(args)
+    pixel_values, counts, prefix = _images(model, args)
+    gen = torch.Generator().manual_seed(args.seed)
+    config = _generation_config(args)
+    history = None
+
+    def answer(question: str) -> str:
+        parts = []
+        for piece in model.chat_stream(tokenizer, pixel_values, question, config, history, counts,
+                                       system_message=args.system, generator=gen):
+            print(piece, end="", flush=True)
+            parts.append(piece)
+        print()
+        return "".join(parts)
+
+    if args.question:
+        answer(prefix + args.question)
+        return
+    print("hovle chat: type a message, /reset to start over, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line:
+            return
+        if line == "/reset":
+            history = None
+            continue
+        question = turn_question(prefix + line if history is None else line, history, pixel_values)
+        reply = answer(question)
+        history = (history or []) + [(question, reply)]
+
+
+def cmd_info(args) -> None:
+    from hovle import HoVLE, HoVLEConfig
+    from hovle.config import PRESETS, config_summary
+
+    cfg = HoVLEConfig.from_name(args.model) if args.model in PRESETS else HoVLEConfig.from_json(args.model)
+    with torch.device("meta"):
+        n_embed = sum(p.numel() for p in HoVLE(cfg).embedding_model.parameters())
+        n_total = HoVLE(cfg).num_parameters()
+    for key, value in config_summary(cfg).items():
+        print(f"{key:40s} {value}")
+    print(f"{'parameters.embedding_model':40s} {n_embed:,}")
+    print(f"{'parameters.language_model':40s} {n_total - n_embed:,}")
+    print(f"{'parameters.total':40s} {n_total:,}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hovle", description="HoVLE vision-language model: chat, inspect.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chat", help="ask about images (one question, or an interactive session without one)")
+    c.add_argument("question", nargs="?", help="the question; omit it for an interactive multi-turn session")
+    c.add_argument("--model", required=True, help="checkpoint folder (official HoVLE / HoVLE-HD layout)")
+    c.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    c.add_argument("--video", help="video file (needs the 'video' extra); frames become images")
+    c.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    c.add_argument("--max-tiles", type=int, help="max 448-px tiles per image (default: the model's config)")
+    c.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights dtype (default bf16)")
+    c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--system", help="system message (default: the template's)")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="print a checkpoint's config summary and parameter count")
+    i.add_argument("model", help="checkpoint folder, config.json, or a preset name (tiny, hovle-2.6b)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hovle.config import ConfigError
+    from hovle.image import ImageLoadError
+    from hovle.weights import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, FileNotFoundError, ConfigError, CheckpointError, ImageLoadError, ImportError, ValueError) as e:
+        print(f"hovle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = open(os.devnull, "w")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
