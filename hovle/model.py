@@ -331,11 +331,11 @@ class HoVLE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.output.weight.dtype
+        return self.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.output.weight.device
+        return self.language_model.norm.weight.device
 
     @property
     def is_post(self) -> bool:
