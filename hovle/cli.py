@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a checkpoint's config summary and parameter count")
     i.add_argument("model", help="checkpoint folder, config.json, or a preset name (tiny, hovle-2.6b)")
     i.set_defaults(func=cmd_info)
+
+    from hovle.evaluate import add_eval_parser
+    from hovle.serve import add_serve_parser
+
+    add_serve_parser(sub)
+    add_eval_parser(sub)
     return p
 
 
