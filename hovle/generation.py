@@ -24,6 +24,7 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     num_beams: int = 1
+    cuda_graph: bool = True  # on CUDA, replay decode steps from one captured graph
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -94,6 +95,43 @@ def next_token(logits: Tensor, seen: Tensor, cfg: GenerationConfig, generator: t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+class DecodeStep:
+    """One-token steps on a prefilled cache; on CUDA they replay a single captured CUDA graph.
+
+    A 2.6B HoVLE launches ~700 small kernels per decode step: at small batch sizes the launches, not the
+    GPU, set the pace. The cache's decode buffers are updated in place, so the graph stays valid.
+    """
+
+    def __init__(self, model, cache, batch_size: int, cuda_graph: bool):
+        self.model, self.cache = model, cache
+        self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        self.use_graph = cuda_graph and model.device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+    def __call__(self, tok: Tensor) -> Tensor:
+        """tok [B] -> next logits [B, vocab]."""
+        self.cache.embedding.advance(1)
+        self.cache.llm.advance(1)
+        self.tok.copy_(tok.view(-1, 1))
+        if not self.use_graph:
+            return self.model.cached_logits(self.tok, self.cache)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, kernel selection)
+            self.model.cached_logits(self.tok, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model.cached_logits(self.tok, self.cache)
+
+
 @torch.inference_mode()
 def stream_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, hd_input_ids: Tensor | None = None,
                     attention_mask: Tensor | None = None, hd_attention_mask: Tensor | None = None,
@@ -125,6 +163,7 @@ def stream_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
     seen = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), pad)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
+    decode = DecodeStep(model, cache, B, cfg.cuda_graph)
     for step in range(cfg.max_new_tokens):
         tok = next_token(logits, seen, cfg, generator).masked_fill(done, pad)
         yield tok
@@ -132,7 +171,7 @@ def stream_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None
         if step + 1 == cfg.max_new_tokens or bool(done.all()):
             return
         seen = torch.cat((seen, tok[:, None]), dim=1)
-        logits = model.step(tok[:, None], cache)
+        logits = decode(tok)
 
 
 def generate(model, input_ids: Tensor, pixel_values: Tensor | None = None, hd_input_ids: Tensor | None = None,

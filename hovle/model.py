@@ -66,42 +66,86 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer of one decoder stack.
+    """Preallocated keys/values for every layer of one decoder stack, written at explicit slots.
 
-    `pos` is the number of filled slots; it is the same for every row because batches are left-padded.
-    `valid` [B, max_len] marks real (non-padding) slots. Keys are stored rotated; `inv_freq` remembers
-    the RoPE frequencies they were rotated with, so dynamic-NTK models can re-rotate them when the base
-    moves (the official code recomputes everything each step, so every key uses the current base).
+    `advance` (host side, before a forward) claims the next slots for the new tokens and sets their RoPE
+    positions; the forward writes keys/values at `slots` and attends over all `max_len` slots through a
+    mask built from `valid`. A decode step therefore has static shapes and reuses the same buffers, so one
+    CUDA graph can replay every step. Rows are left-padded, so `pos` (filled slots) is shared by all rows.
+    Keys are stored rotated; under dynamic NTK, whose RoPE base grows with the length, they are re-rotated
+    when the base moves (the official code recomputes everything each step, so every key uses the current base).
     """
 
     def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # real (non-pad) slots
+        self.slot_ids = torch.arange(max_len, device=device)
         self.next_position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.inv_freq: Tensor | None = None
+        self.inv_freq = rope_inv_freq(cfg, 0, device)  # [D/2], updated in place
         self.pos = 0
+        # Decode-step buffers, reused in place so a captured graph keeps reading the right memory.
+        self._one_slot = torch.zeros(1, dtype=torch.long, device=device)
+        self._one_position = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slots = self._one_slot  # [T] slots of the current tokens
+        self.positions = self._one_position  # [B, T] their RoPE positions
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, K, T, D] at `pos`; return all keys/values so far [B, K, pos+T, D]."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def advance(self, num_tokens: int, valid: Tensor | None = None) -> None:
+        """Claim the next `num_tokens` slots; valid [B, T] marks real tokens (False = left padding)."""
+        T, start = num_tokens, self.pos
+        if start + T > self.max_len:
+            raise ValueError(f"sequence of {start + T} tokens does not fit the KV cache of {self.max_len}")
+        if T == 1 and valid is None:
+            self.valid[:, start] = True
+            self._one_slot.fill_(start)
+            self._one_position.copy_(self.next_position)
+            self.next_position += 1
+            self.slots, self.positions = self._one_slot, self._one_position
+        else:
+            valid = torch.ones_like(self.valid[:, :T]) if valid is None else valid.bool()
+            self.valid[:, start:start + T] = valid
+            counts = valid.long().cumsum(-1)
+            self.positions = (self.next_position + counts - 1).clamp(min=0)
+            self.next_position += counts[:, -1:]
+            self.slots = self.slot_ids[start:start + T]
+        self.pos = start + T
+        rs = self.cfg.rope_scaling
+        if rs is not None and rs.kind == "dynamic" and self.pos > self.cfg.max_position_embeddings:
+            self._rerotate(rope_inv_freq(self.cfg, self.pos, self.inv_freq.device), start)
 
-    def rerotate(self, cfg: DecoderConfig, inv_freq: Tensor) -> None:
-        """Move the cached keys from the old RoPE frequencies to `inv_freq` (rotation by the difference)."""
-        if self.inv_freq is not None and self.pos and not torch.equal(self.inv_freq, inv_freq):
-            positions = (self.valid[:, : self.pos].long().cumsum(-1) - 1).clamp(min=0)
-            cos, sin = rope_cos_sin(cfg, positions, inv_freq - self.inv_freq, torch.float32)
-            keys = self.k[:, :, :, : self.pos]
+    def _rerotate(self, inv_freq: Tensor, filled: int) -> None:
+        """Move the first `filled` cached keys to new RoPE frequencies (a rotation by the difference)."""
+        if filled:
+            positions = (self.valid[:, :filled].long().cumsum(-1) - 1).clamp(min=0)
+            cos, sin = rope_cos_sin(self.cfg, positions, inv_freq - self.inv_freq, torch.float32)
+            keys = self.k[:, :, :, :filled]
             keys.copy_(apply_rope(keys.float(), cos, sin))
-        self.inv_freq = inv_freq
+        self.inv_freq.copy_(inv_freq)
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, K, T, D] at `slots`; return every slot's keys/values [B, K, max_len, D]."""
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
+
+    def mask(self) -> Tensor:
+        return attention_mask(self.valid, self.slots, self.slot_ids)
+
+
+def attention_mask(valid: Tensor, slots: Tensor, key_slots: Tensor) -> Tensor:
+    """[B, 1, T, S] boolean (True = attend): the query at slots[t] sees valid keys at or before it.
+
+    A query always sees itself, so a padding row is never fully masked (SDPA would return NaN there).
+    """
+    causal = key_slots <= slots[:, None]  # [T, S]
+    own = key_slots == slots[:, None]
+    return ((causal & valid[:, None, :]) | own)[:, None]
 
 
 # ---- decoder ------------------------------------------------------------------------------------------
@@ -123,7 +167,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, K, D).transpose(1, 2), cos, sin)  # [B, K, T, D]
         v = v.view(B, T, K, D).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, K, S, D]
+            k, v = cache.write(layer, k, v)  # [B, K, max_len, D]
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != K)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
@@ -154,25 +198,6 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def attention_mask(valid: Tensor | None, q_len: int, past: int) -> Tensor | None:
-    """Boolean [B, 1, T, S] mask (True = attend) for queries at slots past..past+T-1 over keys 0..S-1.
-
-    None when there is no padding and SDPA's own causal mask (or no mask, for one query) is exact.
-    A padding query may always see itself, so no row is fully masked (SDPA would return NaN there).
-    """
-    if valid is None or bool(valid.all()):
-        return None if past == 0 or q_len == 1 else _causal(q_len, past, None)[None, None]
-    S = past + q_len
-    mask = _causal(q_len, past, valid.device)[None] & valid[:, None, :S]
-    diag = torch.arange(q_len, device=valid.device)
-    mask[:, diag, past + diag] = True
-    return mask[:, None]
-
-
-def _causal(q_len: int, past: int, device) -> Tensor:
-    return torch.ones(q_len, past + q_len, dtype=torch.bool, device=device).tril(past)
-
-
 class Decoder(nn.Module):
     """A stack of decoder layers that owns its positions and masks (padding-aware, cache-aware)."""
 
@@ -182,28 +207,24 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, x: Tensor, valid: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """x [B, T, C]; valid [B, T] (False = left padding) -> [B, T, C]. Appends to `cache` if given."""
+        """x [B, T, C] -> [B, T, C]. With a cache (already `advance`d for these T tokens) `valid` is unused.
+
+        Without a cache: valid [B, T] (False = left padding), or None for SDPA's own causal mask.
+        """
         B, T, _ = x.shape
-        past = cache.pos if cache is not None else 0
         if cache is not None:
-            if past + T > cache.max_len:
-                raise ValueError(f"sequence of {past + T} tokens does not fit the KV cache of {cache.max_len}")
-            cache.valid[:, past:past + T] = True if valid is None else valid
-            valid = cache.valid[:, : past + T]
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        elif valid is not None:
-            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            positions, inv_freq, mask = cache.positions, cache.inv_freq, cache.mask()
         else:
-            positions = torch.arange(T, device=x.device).expand(B, T)
-        inv_freq = rope_inv_freq(self.cfg, past + T, x.device)
-        if cache is not None:
-            cache.rerotate(self.cfg, inv_freq)
+            inv_freq = rope_inv_freq(self.cfg, T, x.device)
+            if valid is None:
+                positions, mask = torch.arange(T, device=x.device).expand(B, T), None
+            else:
+                positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+                slots = torch.arange(T, device=x.device)
+                mask = attention_mask(valid, slots, slots)
         cos, sin = rope_cos_sin(self.cfg, positions, inv_freq, x.dtype)
-        mask = attention_mask(valid, T, past)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.pos += T
         return x
 
 
@@ -257,9 +278,9 @@ class HolisticEmbedding(nn.Module):
         """[B, T] ids -> [B, T, C]. Ids past the LLM vocab use the special table, or row 0 without one."""
         V = self.cfg.llm_vocab_size
         x = self.llm_text_embeddings(torch.where(ids < V, ids, 0))
-        if self.special_text_embeddings is not None and bool((ids >= V).any()):
-            extra = ids >= V
-            x[extra] = self.special_text_embeddings(ids[extra] - V)
+        if self.special_text_embeddings is not None:
+            special = self.special_text_embeddings((ids - V).clamp(0, self.special_text_embeddings.num_embeddings - 1))
+            x = torch.where((ids >= V)[..., None], special, x)
         return x
 
     def image_tokens(self, pixel_values: Tensor) -> Tensor:
@@ -347,33 +368,38 @@ class HoVLE(nn.Module):
         rows = [torch.repeat_interleave(r, torch.where(r == ctx, 4, 1)) for r in input_ids]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
+    def module_inputs(self, input_ids: Tensor, pixel_values: Tensor | None, hd_input_ids: Tensor | None,
+                      attention_mask: Tensor | None, hd_attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(ids, mask) of the embedding module's own sequence: the longer prompt of "post" models with images."""
+        if not (self.is_post and pixel_values is not None):
+            return input_ids, attention_mask
+        if hd_input_ids is not None:
+            return hd_input_ids, hd_attention_mask
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("left-padded batches in 'post' mode need hd_input_ids and hd_attention_mask")
+        return self.hd_ids(input_ids), None
+
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None, hd_input_ids: Tensor | None = None,
               attention_mask: Tensor | None = None, hd_attention_mask: Tensor | None = None,
               cache: HoVLECache | None = None) -> Tensor:
-        """The LLM's inputs_embeds [B, T, C] for input_ids [B, T] (the embedding module's whole job)."""
-        valid = None if attention_mask is None else attention_mask.bool()
-        emb_cache = cache.embedding if cache is not None else None
-        if not self.is_post or pixel_values is None:
-            x = self.embedding_model(input_ids, pixel_values, valid, emb_cache)
-        else:
-            x = self._embed_post(input_ids, pixel_values, hd_input_ids, valid, hd_attention_mask, emb_cache)
-        return F.normalize(x, dim=-1) if self.config.normalize_encoder_output else x
+        """The LLM's inputs_embeds [B, T, C] for input_ids [B, T]: the embedding module's whole job."""
+        ids, mask = self.module_inputs(input_ids, pixel_values, hd_input_ids, attention_mask, hd_attention_mask)
+        valid = None if mask is None else mask.bool()
+        h = self.embedding_model(ids, pixel_values, valid, cache.embedding if cache is not None else None)
+        if self.is_post and pixel_values is not None:
+            h = self._post_to_llm(h, ids, valid, input_ids, attention_mask)
+        return F.normalize(h, dim=-1) if self.config.normalize_encoder_output else h
 
-    def _embed_post(self, input_ids, pixel_values, hd_input_ids, valid, hd_attention_mask, emb_cache) -> Tensor:
-        """HoVLE-HD: run the module on full-resolution patches, then shuffle its image outputs into LLM slots."""
-        if hd_input_ids is None:
-            if valid is not None and not bool(valid.all()):
-                raise ValueError("left-padded batches in 'post' mode need hd_input_ids and hd_attention_mask")
-            hd_input_ids = self.hd_ids(input_ids)
-        hd_valid = None if hd_attention_mask is None else hd_attention_mask.bool()
-        h = self.embedding_model(hd_input_ids, pixel_values, hd_valid, emb_cache)  # [B, Th, C]
+    def _post_to_llm(self, h: Tensor, hd_ids: Tensor, hd_valid: Tensor | None, input_ids: Tensor,
+                     attention_mask: Tensor | None) -> Tensor:
+        """HoVLE-HD: shuffle the module's full-resolution image outputs into the LLM's image slots, copy text."""
         ctx = self.config.embedding.img_context_token_id
-        hd_img, img = hd_input_ids == ctx, input_ids == ctx
+        hd_img, img = hd_ids == ctx, input_ids == ctx
         hd_text, text = ~hd_img, ~img
         if hd_valid is not None:
             hd_text &= hd_valid
-        if valid is not None:
-            text &= valid
+        if attention_mask is not None:
+            text &= attention_mask.bool()
         # The official code groups the module's image outputs by the position table's grid, not the tile.
         group = (self.config.embedding.image_size // self.config.embedding.patch_size) ** 2
         C = h.shape[-1]
@@ -405,9 +431,17 @@ class HoVLE(nn.Module):
              hd_input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
              hd_attention_mask: Tensor | None = None) -> Tensor:
         """Cached forward of new tokens (a prompt, or one token per row): last-position logits [B, vocab]."""
+        ids, mask = self.module_inputs(input_ids, pixel_values, hd_input_ids, attention_mask, hd_attention_mask)
+        cache.embedding.advance(ids.shape[1], mask)
+        cache.llm.advance(input_ids.shape[1], attention_mask)
+        return self.cached_logits(input_ids, cache, pixel_values, ids, attention_mask, mask)
+
+    def cached_logits(self, input_ids: Tensor, cache: HoVLECache, pixel_values: Tensor | None = None,
+                      hd_input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                      hd_attention_mask: Tensor | None = None) -> Tensor:
+        """The compute of `step`, on caches already advanced: no host-side state, so a CUDA graph can replay it."""
         x = self.embed(input_ids, pixel_values, hd_input_ids, attention_mask, hd_attention_mask, cache)
-        valid = None if attention_mask is None else attention_mask.bool()
-        return self.language_model(x, valid, cache.llm, last_only=True)[:, -1]
+        return self.language_model(x, None, cache.llm, last_only=True)[:, -1]
 
     # ---- construction, weights -------------------------------------------------------------------------
 
