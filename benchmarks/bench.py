@@ -163,6 +163,7 @@ def main(argv=None) -> None:
         cfg = HoVLEConfig.from_name(args.random) if not args.random.endswith(".json") else HoVLEConfig.from_json(args.random)
         model = HoVLE.from_config(cfg, dtype=dtype, device=device)
     load_s = time.perf_counter() - t
+    n_params = model.num_parameters()
     reference = None
     if args.quantize:
         ids = build_prompt(model, args.tiles, args.text_tokens)
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}   torch {torch.__version__}   dtype {args.dtype}   quantize {args.quantize or 'none'}")
-    print(f"model: {args.model or args.random}, {model.num_parameters() / 1e9:.3f}B parameters, built/loaded in {load_s:.1f} s")
+    print(f"model: {args.model or args.random}, {n_params / 1e9:.3f}B parameters, built/loaded in {load_s:.1f} s")
 
     bandwidth = measure_bandwidth(device)
     flops = measure_matmul(dtype, device)
