@@ -102,12 +102,12 @@ def preprocess_time(tile_size: int) -> tuple[float, int]:
     return (time.perf_counter() - t) / 3, pv.shape[0]
 
 
-def decode_run(model, ids, pixel_values, new_tokens: int, device) -> tuple[float, float]:
+def decode_run(model, ids, pixel_values, new_tokens: int, device, **options) -> tuple[float, float]:
     """(time to first token incl. prefill, decode tokens/s after the first) for one greedy generation."""
     sync(device)
     t0 = time.perf_counter()
     stamps = []
-    for _ in stream_generate(model, ids, pixel_values, max_new_tokens=new_tokens):
+    for _ in stream_generate(model, ids, pixel_values, max_new_tokens=new_tokens, **options):
         sync(device)
         stamps.append(time.perf_counter())
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0])
@@ -151,6 +151,8 @@ def main(argv=None) -> None:
                    help="new tokens timed for the no-cache baseline (it only gets slower with length)")
     p.add_argument("--batch", type=int, default=4, help="batch size for the batched-decode comparison (0: skip)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +175,8 @@ def main(argv=None) -> None:
         quantize_int8(model)
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}   torch {torch.__version__}   dtype {args.dtype}   quantize {args.quantize or 'none'}")
+    print(f"device: {name}   torch {torch.__version__}   dtype {args.dtype}   quantize {args.quantize or 'none'}   "
+          f"compile {args.compile}   cuda graph {device.type == 'cuda' and not args.no_cuda_graph}")
     print(f"model: {args.model or args.random}, {n_params / 1e9:.3f}B parameters, built/loaded in {load_s:.1f} s")
 
     bandwidth = measure_bandwidth(device)
@@ -193,7 +196,10 @@ def main(argv=None) -> None:
             print(f"int8 vs {args.dtype} logits: min cosine {cos:.5f} over the last 8 positions\n")
         prefill_s = statistics.median(
             best_time(lambda: model.step(ids, model.new_cache(1, T)), device, 1) for _ in range(3))
-        ttft, decode_tps = decode_run(model, ids, pv, args.new_tokens, device)
+        options = dict(compile=args.compile, cuda_graph=not args.no_cuda_graph)
+        if args.compile:  # compile outside the timed run (the first step of a new shape compiles)
+            decode_run(model, ids, pv, args.new_tokens, device, **options)
+        ttft, decode_tps = decode_run(model, ids, pv, args.new_tokens, device, **options)
 
     ctx_avg = T + args.new_tokens // 2
     prefill_flops_per_token = 2 * n_mult + attention_flops(cfg, T // 2)

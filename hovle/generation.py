@@ -25,6 +25,7 @@ class GenerationConfig:
     pad_token_id: int | None = None
     num_beams: int = 1
     cuda_graph: bool = True  # on CUDA, replay decode steps from one captured graph
+    compile: bool = False  # torch.compile the decode step (fuses elementwise kernels; slow first step)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -102,8 +103,9 @@ class DecodeStep:
     GPU, set the pace. The cache's decode buffers are updated in place, so the graph stays valid.
     """
 
-    def __init__(self, model, cache, batch_size: int, cuda_graph: bool):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, batch_size: int, cuda_graph: bool, compile: bool = False):
+        self.cache = cache
+        self.forward = torch.compile(model.cached_logits, dynamic=False) if compile else model.cached_logits
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         self.use_graph = cuda_graph and model.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -115,7 +117,7 @@ class DecodeStep:
         self.cache.llm.advance(1)
         self.tok.copy_(tok.view(-1, 1))
         if not self.use_graph:
-            return self.model.cached_logits(self.tok, self.cache)
+            return self.forward(self.tok, self.cache)
         if self.graph is None:
             self._capture()
         self.graph.replay()
@@ -124,12 +126,13 @@ class DecodeStep:
     def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, kernel selection)
-            self.model.cached_logits(self.tok, self.cache)
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, compilation)
+            for _ in range(2):
+                self.forward(self.tok, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model.cached_logits(self.tok, self.cache)
+            self.logits = self.forward(self.tok, self.cache)
 
 
 @torch.inference_mode()
@@ -163,7 +166,7 @@ def stream_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
     seen = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), pad)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    decode = DecodeStep(model, cache, B, cfg.cuda_graph)
+    decode = DecodeStep(model, cache, B, cfg.cuda_graph, cfg.compile)
     for step in range(cfg.max_new_tokens):
         tok = next_token(logits, seen, cfg, generator).masked_fill(done, pad)
         yield tok
