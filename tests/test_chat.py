@@ -1,28 +1,18 @@
 """Chat API end to end: template parity, image expansion, chat/stream/batch agreement, CLI."""
 
 import json
-import shutil
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from hovle import HoVLE, HoVLEConfig, load_image, load_tokenizer
+from hovle import HoVLE, load_image, load_tokenizer
 from hovle.chat import IMG_CONTEXT, expand_images, get_template
 from hovle.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, model_for_fixture_tokenizer
+
 GREEDY = dict(max_new_tokens=8, do_sample=False)
-
-
-def model_for_fixture_tokenizer(loc="pre"):
-    """A random tiny HoVLE whose vocabulary is the fixture tokenizer's (609 ids, <IMG_CONTEXT> = 602)."""
-    cfg = HoVLEConfig.from_name("tiny")
-    cfg = replace(cfg, embedding=replace(cfg.embedding, llm_vocab_size=609, img_context_token_id=602,
-                                         pixel_shuffle_loc=loc))
-    return HoVLE.from_config(cfg.with_llm(vocab_size=609), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +109,6 @@ def test_sampling_is_seeded(tok):
     a = model.chat(tok, None, "hi", cfg, generator=torch.Generator().manual_seed(3))
     b = model.chat(tok, None, "hi", cfg, generator=torch.Generator().manual_seed(3))
     assert a == b
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    model_for_fixture_tokenizer().save_pretrained(d)
-    for f in (FIXTURES / "tokenizer").iterdir():
-        shutil.copy(f, d)
-    return d
 
 
 def test_cli_chat_and_info(checkpoint, tmp_path, capsys):

@@ -22,19 +22,10 @@ from hovle import HoVLE, load_image, load_tokenizer  # noqa: E402
 from hovle.chat import expand_images, get_template  # noqa: E402
 from hovle.serve import ServeSettings, StopCutter, create_app  # noqa: E402
 
-from test_chat import FIXTURES, model_for_fixture_tokenizer  # noqa: E402
+
 
 KEY = "test-key"
 NAME = "tiny-hovle"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-ckpt")
-    model_for_fixture_tokenizer().save_pretrained(d)
-    for f in (FIXTURES / "tokenizer").iterdir():
-        shutil.copy(f, d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,526 @@
+"""Training layer: data + label masking, the three stages, freezing, exact resume, LoRA, 2-process DDP, shards.
+
+Everything runs on tiny random models whose vocabulary is the fixture tokenizer's, single-threaded (the
+CI machine is small and shared; oversubscribed threads make tiny steps 30x slower).
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hovle import HoVLE, HoVLEConfig, load_tokenizer
+from hovle.chat import IMG_CONTEXT, expand_images, get_template
+from hovle.config import ConfigError
+from hovle.train import TrainConfig, freeze_for_stage
+from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
+from hovle.train.trainer import Trainer, train
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(loc="pre") -> HoVLEConfig:
+    cfg = HoVLEConfig.from_name("tiny")
+    cfg = replace(cfg, embedding=replace(cfg.embedding, llm_vocab_size=609, img_context_token_id=602,
+                                         pixel_shuffle_loc=loc))
+    return cfg.with_llm(vocab_size=609)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(FIXTURES / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok):
+    """Checkpoint folders of random tiny models ("pre" and "post") with the fixture tokenizer.
+
+    The LM head is scaled up: with std 0.02 at width 64 logits stay within about +-1, so a frozen random LLM
+    (stage align) could not fit anything and the loss could hardly fall."""
+    out = {}
+    for loc in ("pre", "post"):
+        d = tmp_path_factory.mktemp(f"base_{loc}")
+        model = HoVLE.from_config(tiny_config(loc), seed=1)
+        with torch.no_grad():
+            model.language_model.output.weight.mul_(25)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out[loc] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small fixed dataset: 6 images, conversations (single/multi-turn, multi-image, text-only), captions, text,
+    and a bad-sample file (missing image, corrupt image, over-long, malformed)."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    colors = ["red", "green", "blue", "white", "black", "gray"]
+    rgb = [(220, 20, 20), (20, 200, 30), (20, 30, 220), (250, 250, 250), (5, 5, 5), (128, 128, 128)]
+    for i, c in enumerate(rgb):
+        noise = rng.integers(0, 30, (48 + 8 * i, 64, 3))
+        Image.fromarray(np.clip(np.array(c) + noise, 0, 255).astype("uint8")).save(d / f"img{i}.png")
+    conv = []
+    for i in range(24):
+        k = i % 6
+        if i % 4 == 3:
+            conv.append({"conversations": [{"from": "human", "value": f"Say the word {colors[k]}."},
+                                           {"from": "gpt", "value": f"{colors[k]}"}]})
+        elif i % 4 == 2:
+            conv.append({"image": [f"img{k}.png", f"img{(k + 1) % 6}.png"], "conversations": [
+                {"from": "human", "value": "Image-1: <image>\nImage-2: <image>\nColors?"},
+                {"from": "gpt", "value": f"{colors[k]} and {colors[(k + 1) % 6]}"}]})
+        else:
+            conv.append({"image": f"img{k}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is this?"}, {"from": "gpt", "value": f"It is {colors[k]}."},
+                {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes."}]})
+    (d / "conv.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conv))
+    (d / "captions.jsonl").write_text("".join(json.dumps({"image": f"img{i}.png", "caption": f"a {c} square"}) + "\n"
+                                              for i, c in enumerate(colors)))
+    (d / "text.txt").write_text("".join(f"the color {c} is nice\n" for c in colors * 2))
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    bad = [{"image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]},
+           {"image": "corrupt.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]},
+           {"conversations": [{"from": "human", "value": "long " * 400}, {"from": "gpt", "value": "x"}]},
+           {"conversations": [{"from": "gpt", "value": "no question"}]}]
+    (d / "bad.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bad) + "{not json\n")
+    return d
+
+
+def config(tmp_path, base, data, stage="sft", loc="pre", sources=None, **over) -> TrainConfig:
+    d = {
+        "stage": stage,
+        "model": {"init": str(base[loc])},
+        "data": {"sources": sources or [{"path": str(data / "conv.jsonl")}], "max_tiles": 2, "max_length": 512},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.01},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 12, "micro_batch_size": 4, "log_every": 1,
+                  "progress": False},
+        "distill": {"teacher": "mobilenet_v2", "teacher_args": {"image_size": 64}},
+    }
+    for key, value in over.items():  # section__field=value
+        section, field = key.split("__")
+        d.setdefault(section, {})[field] = value
+    return TrainConfig.from_dict(d)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- config -----------------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage: align\ndata:\n  sources:\n    - {path: a.jsonl, format: caption}\noptim:\n  lr: 1e-4\n")
+    cfg = TrainConfig.load(f, ["train.max_steps=7", "optim.betas=[0.9, 0.99]", "lora.r=4"])
+    assert cfg.stage == "align" and cfg.optim.lr == 1e-4 and cfg.train.max_steps == 7
+    assert cfg.optim.betas == (0.9, 0.99) and cfg.data.sources[0].format == "caption"
+    with pytest.raises(ConfigError, match=r"optim: unknown field\(s\) \['lrr'\]"):
+        TrainConfig.load(f, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="train.micro_batch_size must be >= 1"):
+        TrainConfig.load(f, ["train.micro_batch_size=0"])
+    with pytest.raises(ConfigError, match="stage must be one of"):
+        TrainConfig.load(f, ["stage=pretrain"])
+    with pytest.raises(ConfigError, match="format 'images' has no text"):
+        TrainConfig.load(f, ["data.sources=[{path: d, format: images}]"])
+    with pytest.raises(ConfigError, match="lora.enabled is for stage sft"):
+        TrainConfig.load(f, ["lora.enabled=true"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        TrainConfig.load(f, ["train.max_steps"])
+
+
+def test_train_subcommand_wiring(tmp_path, base, data, capsys):
+    import argparse
+
+    from hovle.train import add_train_parser
+    from hovle.train.cli import main
+
+    parser = argparse.ArgumentParser(prog="hovle")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    f = tmp_path / "c.yaml"
+    f.write_text(json.dumps(config(tmp_path, base, data).to_dict()))
+    args = parser.parse_args(["train", str(f), "train.max_steps=2", "train.log_every=1"])
+    args.func(args)
+    assert "saved" in capsys.readouterr().out and len(losses(tmp_path / "run")) == 2
+    assert main([str(f), "optim.lr=-1"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples/train").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    cfg = TrainConfig.load(path, ["train.max_steps=5"])
+    assert cfg.train.max_steps == 5 and cfg.data.sources
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+
+def test_labels_cover_assistant_replies_only(tmp_path, base, data, tok):
+    cfg = config(tmp_path, base, data)
+    enc = Encoder(tiny_config(), tok, cfg.data, "sft")
+    recs, _ = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
+    ex = enc(recs[0])  # one image, two turns
+    ids, labels = ex.input_ids, ex.labels
+    kept = labels != IGNORE_INDEX
+    assert tok.decode(ids[kept].tolist()) == tok.decode(tok.encode("It is red.<|im_end|>Yes.<|im_end|>", False))
+    assert torch.equal(labels[kept], ids[kept])
+    # The prompt up to the first reply is token-for-token what chat() feeds the model at inference.
+    tiles = ex.pixel_values.shape[0]
+    prompt = expand_images(get_template("internlm2-chat").prompt("<image>\nWhat color is this?"), [tiles], 4)
+    first = int(kept.nonzero()[0])
+    assert ids[:first].tolist() == tok.encode(prompt)
+    assert int((ids == 602).sum()) == tiles * 4
+    multi = enc(recs[2])  # two images, explicit placeholders
+    assert int((multi.input_ids == 602).sum()) == multi.pixel_values.shape[0] * 4
+    text_only = enc(recs[3])
+    assert text_only.pixel_values is None and tok.decode(text_only.input_ids[text_only.labels != IGNORE_INDEX].tolist()) \
+        == tok.decode(tok.encode("white<|im_end|>", False))
+
+
+def test_captions_and_plain_text(tmp_path, base, data, tok):
+    cfg = config(tmp_path, base, data)
+    enc = Encoder(tiny_config(), tok, cfg.data, "align")
+    cap = enc(read_source(replace(cfg.data.sources[0], path=str(data / "captions.jsonl"), format="caption"),
+                          cfg.data.caption_prompt)[0][0])
+    assert tok.decode(cap.input_ids[cap.labels != IGNORE_INDEX].tolist()) == tok.decode(tok.encode("a red square<|im_end|>", False))
+    assert "Describe the image briefly." in tok.decode(cap.input_ids.tolist())
+    txt = enc(read_source(replace(cfg.data.sources[0], path=str(data / "text.txt"), format="text"), "")[0][0])
+    assert txt.labels[0] == IGNORE_INDEX and torch.equal(txt.labels[1:], txt.input_ids[1:])
+    assert txt.input_ids[-1] == tok.eos_token_id
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, base, data, tok):
+    cfg = config(tmp_path, base, data, sources=[{"path": str(data / "bad.jsonl")}, {"path": str(data / "conv.jsonl")}],
+                 data__shuffle=False)
+    stream, _ = build_streams(cfg.data, seed=0, rank=0, world=1)
+    loader = Loader(stream, Encoder(tiny_config(), tok, cfg.data, "sft"))
+    loader.batch(24)  # the 24 good samples of the first epoch, in file order: the bad ones come first
+    assert stream.epoch == 0 and stream.pos == len(stream)
+    assert dict(loader.skipped) == {"missing_image": 1, "corrupt_image": 1, "too_long": 1, "bad_record": 2}
+
+
+def test_streams_split_ranks_and_resume(data):
+    recs = list(range(10))
+    a, b = MapStream(recs, 3, 0, 2, True), MapStream(recs, 3, 1, 2, True)
+    first = [a.next() for _ in range(5)] + [b.next() for _ in range(5)]
+    assert sorted(first) == recs  # an epoch: each rank its half, no overlap
+    s = a.state()
+    ahead = [a.next() for _ in range(7)]
+    c = MapStream(recs, 3, 0, 2, True)
+    c.load_state(s)
+    assert [c.next() for _ in range(7)] == ahead  # across the epoch boundary too
+
+
+def test_right_padding_matches_unpadded(tmp_path, base, data, tok):
+    """A right-padded batch gives each sample the same logits as running it alone."""
+    cfg = config(tmp_path, base, data)
+    for loc in ("pre", "post"):
+        model = HoVLE.from_pretrained(base[loc])
+        enc = Encoder(model.config, tok, cfg.data, "sft")
+        recs, _ = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
+        exs = [enc(recs[i]) for i in (0, 3, 2)]
+        b = collate_lm(exs, tok.pad_token_id)
+        with torch.no_grad():
+            out = model(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"]).logits
+            for i, e in enumerate(exs):
+                hd = None if e.hd_input_ids is None else e.hd_input_ids[None]
+                alone = model(e.input_ids[None], e.pixel_values, hd).logits[0]
+                torch.testing.assert_close(out[i, : len(e.input_ids)], alone, atol=2e-5, rtol=1e-4)
+
+
+# ---- stages -----------------------------------------------------------------------------------------------------
+
+
+def test_freeze_for_stage():
+    model = HoVLE.from_config(tiny_config())
+    for stage, expect in (("distill", "embedding_model."), ("align", "embedding_model."), ("sft", "")):
+        freeze_for_stage(model, stage)
+        for name, p in model.named_parameters():
+            unused = name.endswith("class_embedding") or name == "language_model.tok_embeddings.weight"
+            assert p.requires_grad == (name.startswith(expect) and not unused), (stage, name)
+
+
+def run_stage(tmp_path, base, data, stage, loc="pre", **over):
+    cfg = config(tmp_path, base, data, stage, loc, **over)
+    before = state(HoVLE.from_pretrained(base[loc]))
+    final = train(cfg)
+    after = state(HoVLE.from_pretrained(final))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    return losses(tmp_path / "run"), changed, before
+
+
+@pytest.mark.parametrize("loc", ["pre", "post"])
+def test_align_trains_the_embedding_module_only(tmp_path, base, data, loc):
+    sources = [{"path": str(data / "captions.jsonl"), "format": "caption"}, {"path": str(data / "conv.jsonl")}]
+    curve, changed, before = run_stage(tmp_path, base, data, "align", loc, sources=sources, train__max_steps=20)
+    assert np.mean(curve[-4:]) < 0.3 * np.mean(curve[:4]), curve
+    frozen = {n for n in before if not n.startswith("embedding_model.")} | {"embedding_model.vision_embeddings.class_embedding"}
+    assert changed == set(before) - frozen  # every embedding-module weight moved, nothing else did (bit-exact)
+
+
+def test_sft_trains_everything_and_saves_a_loadable_checkpoint(tmp_path, base, data):
+    from hovle.cli import main
+
+    sources = [{"path": str(data / "conv.jsonl")}, {"path": str(data / "text.txt"), "format": "text"}]
+    curve, changed, before = run_stage(tmp_path, base, data, "sft", sources=sources, data__eval_fraction=0.2,
+                                       train__eval_every=6)
+    assert np.mean(curve[-3:]) < 0.3 * np.mean(curve[:3]), curve
+    assert changed == set(before) - {"embedding_model.vision_embeddings.class_embedding",
+                                     "language_model.tok_embeddings.weight"}
+    run = tmp_path / "run"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [e["step"] for e in evals] == [6, 12] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run / "loss.png").stat().st_size > 1000
+    img = str(data / "img0.png")
+    assert main(["chat", "What color?", "--model", str(run / "final"), "--image", img, "--dtype", "fp32",
+                 "--max-new-tokens", "4", "--max-tiles", "2"]) == 0
+
+
+def test_bf16_autocast_and_activation_checkpointing(tmp_path, base, data):
+    plain = config(tmp_path / "a", base, data, "sft", train__max_steps=3)
+    ckpt = config(tmp_path / "b", base, data, "sft", train__max_steps=3, train__activation_checkpointing=True)
+    train(plain), train(ckpt)
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")  # recomputation is exact
+    bf16 = config(tmp_path / "c", base, data, "sft", train__max_steps=3, train__precision="bf16-mixed")
+    train(bf16)
+    got, ref = losses(tmp_path / "c" / "run"), losses(tmp_path / "a" / "run")
+    assert np.allclose(got, ref, rtol=0.05), (got, ref)
+
+
+# ---- exact resume -------------------------------------------------------------------------------------------------
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, base, data):
+    sources = [{"path": str(data / "conv.jsonl")}, {"path": str(data / "bad.jsonl")}]  # skip counters resume too
+    full = config(tmp_path / "full", base, data, sources=sources, train__max_steps=10)
+    train(full)
+    split = config(tmp_path / "split", base, data, sources=sources, train__max_steps=10)
+    assert train(split, stop_at_step=4) is None
+    assert (tmp_path / "split/run/checkpoints/latest").read_text().strip() == "step_00000004"
+    train(split)
+    a, b = state(HoVLE.from_pretrained(tmp_path / "full/run/final")), state(HoVLE.from_pretrained(tmp_path / "split/run/final"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    ma = (tmp_path / "full/run/metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "split/run/metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.endswith("_per_s")} for r in rows]  # noqa: E731
+    assert strip(ma) == strip(mb)
+
+
+def test_resume_after_sigkill(tmp_path, base, data):
+    """A real `python -m hovle.train` process killed mid-run resumes to the same weights as an uninterrupted one."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(config(tmp_path, base, data, train__max_steps=40, train__save_every=1).to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "hovle.train", str(cfg)]
+    proc = subprocess.Popen(cmd + ["train.out_dir=" + str(tmp_path / "killed")], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed/checkpoints/latest"
+    deadline = time.time() + 120
+    while not (latest.exists() and latest.read_text().strip() >= "step_00000003") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert killed_at < 40 and not (tmp_path / "killed/final").exists()
+    subprocess.run(cmd + ["train.out_dir=" + str(tmp_path / "killed")], env=env, cwd=REPO, check=True)
+    subprocess.run(cmd + ["train.out_dir=" + str(tmp_path / "clean"), "train.save_every=0"], env=env, cwd=REPO, check=True)
+    a = state(HoVLE.from_pretrained(tmp_path / "killed/final"))
+    b = state(HoVLE.from_pretrained(tmp_path / "clean/final"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ---- stage I: distillation ---------------------------------------------------------------------------------------
+
+
+def test_mobilenet_teacher_is_pretrained():
+    """The ImageNet MobileNetV2 (loaded strictly, no torchvision) calls scikit-image's cat a cat."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from hovle.train.teachers import MobileNetV2Teacher
+
+    teacher = MobileNetV2Teacher()
+    x = teacher.preprocess(Image.fromarray(skimage_data.chelsea()))[None]
+    with torch.no_grad():
+        top = teacher.net(x).softmax(-1)[0].topk(3)
+    assert 281 <= int(top.indices[0]) <= 285 and float(top.values[0]) > 0.5
+    assert set(top.indices.tolist()) <= set(range(281, 286))
+    assert teacher.features(x).shape == (1, 49, 1280)
+
+
+class TinyTeacher(torch.nn.Module):
+    """A custom teacher through the "module:factory" hook: fixed random 4x4 conv features of width 32."""
+
+    def __init__(self, image_size=32, dim=32):
+        super().__init__()
+        self.image_size, self.dim = image_size, dim
+        self.conv = torch.nn.Conv2d(3, dim, 8, stride=8)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+
+    def preprocess(self, tile):
+        from hovle.train.teachers import imagenet_tensor
+
+        return imagenet_tensor(tile, self.image_size)
+
+    @torch.no_grad()
+    def features(self, pixel_values):
+        return self.conv(pixel_values).flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("teacher", ["mobilenet_v2", "test_train:TinyTeacher"])
+def test_distill_trains_the_embedding_module_towards_the_teachers(tmp_path, base, data, teacher, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    sources = [{"path": str(data), "format": "images"}, {"path": str(data / "text.txt"), "format": "text"},
+               {"path": str(data / "captions.jsonl"), "format": "caption"}]
+    args = {"image_size": 64} if teacher == "mobilenet_v2" else {}
+    curve, changed, before = run_stage(tmp_path, base, data, "distill", sources=sources, train__max_steps=15,
+                                       distill__teacher=teacher, distill__teacher_args=args, data__max_tiles=1)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    for term in ("loss_image", "loss_text"):
+        assert np.mean([r[term] for r in rows[-3:]]) < 0.5 * np.mean([r[term] for r in rows[:3]]), (term, rows)
+    frozen = {n for n in before if not n.startswith("embedding_model.")} | {"embedding_model.vision_embeddings.class_embedding"}
+    assert changed == set(before) - frozen
+    from safetensors import safe_open
+
+    keys = []
+    for folder in (base["pre"], tmp_path / "run/final"):  # the training-only head is not saved
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            keys.append(sorted(f.keys()))
+    assert keys[0] == keys[1]
+
+
+# ---- LoRA -------------------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_adapters_and_merges_into_plain_weights(tmp_path, base, data, tok):
+    pytest.importorskip("peft")
+    cfg = config(tmp_path, base, data, "sft", lora__enabled=True, lora__r=4,
+                 lora__target_modules=["attention.wqkv", "feed_forward.w2"])
+    trainer = Trainer(cfg)
+    trainable = set(trainer.trainable)
+    assert trainable and all("lora_" in n and n.startswith("model.language_model.") for n in trainable)
+    first = [trainer.train_step().loss for _ in range(12)]
+    assert np.mean(first[-3:]) < 0.6 * np.mean(first[:3]), first
+    b = collate_lm([trainer.loader.next_example() for _ in range(3)], tok.pad_token_id)
+    with torch.no_grad():
+        adapted = trainer.model(b["input_ids"], b["pixel_values"], None, b["attention_mask"]).logits
+    final = trainer.save_final()
+    merged = HoVLE.from_pretrained(final)  # plain weights: the official layout, no adapter tensors
+    with torch.no_grad():
+        torch.testing.assert_close(merged(b["input_ids"], b["pixel_values"], None, b["attention_mask"]).logits,
+                                   adapted, atol=1e-4, rtol=1e-4)
+    before, after = state(HoVLE.from_pretrained(base["pre"])), state(merged)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {f"language_model.decoder.layers.{i}.{m}.weight" for i in range(2)
+                       for m in ("attention.wqkv", "feed_forward.w2")}
+
+
+# ---- data parallel --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, base, data, strategy):
+    """torchrun, 2 CPU processes (gloo), 2 x 4 samples per step == 1 process, 4 samples x 2 accumulation steps.
+    Then the 2-process run resumes from its step-3 checkpoint to the same weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = config(tmp_path / "one", base, data, "sft", train__max_steps=6, train__grad_accum=2)
+    train(one)
+    two = config(tmp_path / "two", base, data, "sft", train__max_steps=6, train__save_every=3,
+                 train__keep_checkpoints=3, distributed__strategy=strategy)
+    path = tmp_path / "two.yaml"
+    path.write_text(json.dumps(two.to_dict()))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "hovle.train", str(path)]
+    subprocess.run(launch, env=env, cwd=REPO, check=True, timeout=300, capture_output=True)
+    runs = {"one": tmp_path / "one/run", "two": tmp_path / "two/run"}
+    l1, l2 = losses(runs["one"]), losses(runs["two"])
+    assert len(l1) == 6 and np.allclose(l1, l2, rtol=1e-5, atol=1e-6), (l1, l2)
+    a, b = state(HoVLE.from_pretrained(runs["one"] / "final")), state(HoVLE.from_pretrained(runs["two"] / "final"))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-4)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    shutil.rmtree(resumed / "final")
+    (resumed / "checkpoints/latest").write_text("step_00000003\n")
+    subprocess.run(launch + [f"train.out_dir={resumed}"], env=env, cwd=REPO, check=True, timeout=300,
+                   capture_output=True)
+    c = state(HoVLE.from_pretrained(resumed / "final"))
+    assert all(torch.equal(b[n], c[n]) for n in b)
+
+
+# ---- WebDataset shards ------------------------------------------------------------------------------------------
+
+
+def write_shards(data: Path, out: Path, n_shards=4) -> str:
+    """The conversation set as WebDataset tars (key.json + key.png / key.0.png, key.1.png), plus one caption
+    sample (key.txt + key.png) per shard; the last shard is truncated mid-member."""
+    out.mkdir()
+    rows = [json.loads(x) for x in (data / "conv.jsonl").read_text().splitlines()]
+    per = len(rows) // n_shards
+    for s in range(n_shards):
+        with tarfile.open(out / f"shard-{s:03d}.tar", "w") as tf:
+            def add(name, payload):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+
+            for i, row in enumerate(rows[s * per:(s + 1) * per]):
+                key = f"s{s}/{i:04d}"
+                images = row.pop("image", [])
+                images = [images] if isinstance(images, str) else images
+                add(key + ".json", json.dumps(row).encode())
+                for j, img in enumerate(images):
+                    add(f"{key}.{j}.png" if len(images) > 1 else key + ".png", (data / img).read_bytes())
+            add(f"s{s}/cap.png", (data / "img3.png").read_bytes())
+            add(f"s{s}/cap.txt", b"a white square")
+    last = out / f"shard-{n_shards - 1:03d}.tar"
+    last.write_bytes(last.read_bytes()[:3000])
+    return str(out / f"shard-{{000..{n_shards - 1:03d}}}.tar")
+
+
+def test_webdataset_shards_train_and_resume_mid_shard(tmp_path, base, data, tok):
+    pattern = write_shards(data, tmp_path / "shards")
+    src = [{"path": pattern, "format": "webdataset"}]
+    cfg = config(tmp_path / "full", base, data, sources=src, train__max_steps=8)
+    stream, _ = build_streams(cfg.data, seed=0, rank=0, world=1)
+    loader = Loader(stream, Encoder(tiny_config(), tok, cfg.data, "sft"))
+    examples = loader.batch(23)
+    assert sum(e.pixel_values is None for e in examples) >= 4  # text-only conversations
+    assert max(0 if e.pixel_values is None else len(e.pixel_values) for e in examples) >= 3  # multi-image
+    assert loader.skipped["bad_shard"] == 1
+    train(cfg)
+    curve = losses(tmp_path / "full/run")
+    assert np.mean(curve[-3:]) < 0.5 * np.mean(curve[:3]), curve
+    split = config(tmp_path / "split", base, data, sources=src, train__max_steps=8)
+    train(split, stop_at_step=3)  # 12 samples in: the middle of the second shard
+    train(split)
+    a = state(HoVLE.from_pretrained(tmp_path / "full/run/final"))
+    b = state(HoVLE.from_pretrained(tmp_path / "split/run/final"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
