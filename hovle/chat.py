@@ -17,6 +17,7 @@ from hovle.generation import stream_generate
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 INTERNVL_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # from SmolLM2's own template
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     "internlm2-chat": Template("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>",
                                INTERNVL_SYSTEM),
+    # SmolLM2-Instruct's ChatML (HoVLE-Tiny's LLM): a newline follows each <|im_end|>.
+    "smollm2-chatml": Template("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n",
+                               "<|im_end|>\n", SMOLLM2_SYSTEM),
 }
 
 

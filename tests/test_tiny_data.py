@@ -1,0 +1,197 @@
+"""Procedural HoVLE-Tiny data: determinism, balance, pixels that match the metadata, JSONL files, scoring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hovle.tiny import data as D
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    for name in ("a", "b"):
+        D.write_split(tmp_path / name, "train", 6, seed=7)
+        D.write_eval(tmp_path / name, 1, seed=8)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert a == b and len(a) == 6 + 5 + 4
+    D.write_split(tmp_path / "c", "train", 6, seed=9)
+    c = _digest(tmp_path / "c")
+    assert sum(c[k] != a[k] for k in c if k.startswith("images/")) == 6
+
+
+def test_sample_does_not_depend_on_split_size():
+    assert D.sample_scene(3, 5) == D.sample_scene(3, 5)
+    assert D.sample_scene(3, 5) != D.sample_scene(4, 5)
+    assert json.loads(json.dumps(D.sample_scene(3, 5))) == D.sample_scene(3, 5)  # JSON-able
+
+
+def test_counts_are_balanced():
+    counts = Counter(D.sample_scene(0, i, kind="count")["count_query"]["count"] for i in range(500))
+    assert set(counts) == {1, 2, 3, 4, 5}
+    assert all(70 <= counts[n] <= 130 for n in counts), counts
+    answers = Counter(qa["expected"] for i in range(1000) for qa in D.questions(D.sample_scene(0, i), random.Random(i))
+                      if qa["qtype"] == "count")
+    assert set(answers) == {"1", "2", "3", "4", "5"}
+    assert all(0.12 < answers[n] / sum(answers.values()) < 0.28 for n in answers), answers  # training questions too
+    kinds = Counter(D.sample_scene(0, i)["kind"] for i in range(500))
+    assert set(kinds) == set(D.SCENE_KINDS)
+    evals = [D.eval_sample("count", 1, i, k)[1]["expected"] for i, k in enumerate(range(10))]
+    assert Counter(evals) == {str(n): 2 for n in range(1, 6)}
+    rels = [D.eval_sample("position", 1, i, k)[1]["expected"] for i, k in enumerate(range(8))]
+    assert Counter(rels) == {r: 2 for r in D.RELATIONS}
+
+
+def _blobs(mask: np.ndarray) -> list[int]:
+    """Sizes of the 4-connected components of a boolean mask (plain flood fill)."""
+    seen = np.zeros_like(mask)
+    sizes = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, n = [(y0, x0)], 0
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            n += 1
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+        sizes.append(n)
+    return sizes
+
+
+def test_pixels_show_the_stated_shapes_and_colours():
+    names = sorted(D.COLORS)
+    palette = np.array([D.COLORS[c] for c in names], dtype=np.float32)
+    for i in range(6):
+        scene = D.sample_scene(11, i, kind="count", count=1 + i % 5, size=(224, 224))
+        px = np.asarray(D.render_scene(scene), dtype=np.float32)
+        dist = np.linalg.norm(px[:, :, None, :] - palette[None, None], axis=-1)  # [H, W, colours]
+        nearest, close = dist.argmin(-1), dist.min(-1) < 45
+        found = Counter()
+        for k, c in enumerate(names):
+            found[c] = sum(1 for n in _blobs(close & (nearest == k)) if n >= 20)
+        stated = Counter(o["color"] for o in scene["objects"])
+        assert +found == stated, (scene["objects"], found)
+        q = scene["count_query"]
+        match = [o for o in scene["objects"] if (q["shape"] in (None, o["shape"])) and (q["color"] in (None, o["color"]))]
+        assert len(match) == q["count"] == 1 + i % 5
+
+
+def test_image_sizes_give_one_to_several_tiles():
+    tiles = {D.num_tiles(w, h) for w, h in D.IMAGE_SIZES}
+    assert 1 in tiles and max(tiles) >= 4
+
+
+def test_dataset_files(tmp_path):
+    info = D.write_dataset(tmp_path, n_train=12, n_heldout=4, n_eval_per_type=5, seed=0)
+    assert info["eval"]["per_type"] == {q: 5 for q in D.EVAL_QTYPES}
+    assert info["train"]["text_only"] >= 1
+    for name in ("train_sft", "train_caption", "train_scenes", "heldout_sft", "heldout_caption", "eval"):
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert rows
+        for row in rows:
+            images = [row["image"]] if isinstance(row.get("image"), str) else row.get("image", [])
+            for rel in images:
+                with Image.open(tmp_path / rel) as im:
+                    assert im.mode == "RGB" and min(im.size) >= 224
+            if "caption" in row:
+                assert row["caption"].strip() and images
+            if "conversations" in row:
+                conv = row["conversations"]
+                assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+                assert all(t["value"].strip() for t in conv)
+                assert conv[0]["value"].startswith("<image>\n") == bool(images)
+                assert sum(t["value"].count("<image>") for t in conv) == len(images)
+    train = (tmp_path / "train_sft.jsonl").read_text().splitlines()
+    heldout = (tmp_path / "heldout_sft.jsonl").read_text().splitlines()
+    assert not set(train) & set(heldout)
+    assert (tmp_path / "images/train/000000.png").read_bytes() != (tmp_path / "images/heldout/000000.png").read_bytes()
+
+
+def test_every_generated_answer_scores_as_correct():
+    """The scorer accepts every phrasing the generator uses for the answer (and the eval set's answers)."""
+    for i in range(300):
+        scene = D.sample_scene(5, i)
+        for qa in D.questions(scene, random.Random(i)):
+            if qa["qtype"] in D.EVAL_QTYPES:
+                assert D.score_answer(qa["qtype"], qa["answer"], qa["expected"], qa["question"]), qa
+    for qtype in D.EVAL_QTYPES:
+        for k in range(10):
+            _, qa = D.eval_sample(qtype, 2, 100 * k, k)
+            assert D.score_answer(qtype, qa["answer"], qa["expected"], qa["question"]), qa
+
+
+@pytest.mark.parametrize("qtype, reply, expected, ok", [
+    ("color", "It is red.", "red", True),
+    ("color", "RED", "red", True),
+    ("color", "The circle is violet.", "purple", True),
+    ("color", "It is red or blue.", "red", False),
+    ("color", "Reddish", "red", False),
+    ("color", "", "red", False),
+    ("shape", "A star.", "star", True),
+    ("shape", "It looks like two stars.", "star", True),
+    ("shape", "It's round.", "circle", True),
+    ("shape", "A square next to a circle.", "square", False),
+    ("count", "three", "3", True),
+    ("count", "There are 3 circles.", "3", True),
+    ("count", "I can see a single star.", "1", True),
+    ("count", "There are four.", "3", False),
+    ("count", "Several.", "3", False),
+    ("count", "Someone drew 2 shapes.", "2", True),
+    ("position", "It is to the left of the square.", "left", True),
+    ("position", "Left.", "left", True),
+    ("position", "The circle is on top of the star.", "above", True),
+    ("position", "Underneath it.", "below", True),
+    ("position", "Left or right.", "left", False),
+    ("position", "To the right.", "left", False),
+    ("text", 'It says "OPEN".', "OPEN", True),
+    ("text", "open", "OPEN", True),
+    ("text", "The word is opening.", "OPEN", False),
+    ("text", "Hello world", "World", True),
+])
+def test_score_answer(qtype, reply, expected, ok):
+    assert D.score_answer(qtype, reply, expected) is ok
+
+
+def test_score_answer_ignores_items_named_in_the_question():
+    q = "What colour is the shape next to the blue square?"
+    assert D.score_answer("color", "The shape next to the blue square is red.", "red", q)
+    assert not D.score_answer("color", "The shape next to the blue square is red.", "red")
+    with pytest.raises(ValueError):
+        D.score_answer("color", "red", "magenta")
+
+
+def test_text_chat_and_distillation(tmp_path):
+    class Model:
+        def batch_chat(self, tokenizer, pixel_values, questions, generation_config):
+            assert pixel_values is None
+            return [q.upper() if "capital" in q else "word " * 50 for q in questions]
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            return text.split()
+
+    pairs = D.distill_text_samples(Model(), Tok(), ["What is the capital of Japan?", "Tell me a story."],
+                                   max_new_tokens=20)
+    assert pairs == [("What is the capital of Japan?", "WHAT IS THE CAPITAL OF JAPAN?")]  # truncated one dropped
+    info = D.write_split(tmp_path, "train", 9, seed=1, text_samples=pairs, text_fraction=0.25)
+    rows = [json.loads(x) for x in (tmp_path / "train_sft.jsonl").read_text().splitlines()]
+    text_rows = [r for r in rows if "image" not in r]
+    assert len(text_rows) == info["text_only"] == 3
+    assert text_rows[0]["conversations"][1]["value"] == pairs[0][1]
+    assert len(D.TEXT_CHAT) >= 20 and len(D.DISTILL_PROMPTS) >= 30
