@@ -137,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hovle.evaluate import add_eval_parser
     from hovle.serve import add_serve_parser
+    from hovle.train.cli import add_train_parser
 
     add_serve_parser(sub)
     add_eval_parser(sub)
+    add_train_parser(sub)
     return p
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from hovle.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,249 @@
+"""Training configuration: typed dataclasses read from YAML, with dotted `key=value` overrides.
+
+Every dataclass validates itself in `__post_init__` and names the offending field, so a typo in a
+config file fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from hovle.config import ConfigError
+
+STAGES = ("distill", "align", "sft")
+FORMATS = ("conversation", "caption", "text", "images", "webdataset")
+LORA_TARGETS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    init: str = "tiny"  # a checkpoint folder (fine-tune) or a preset name (random init, e.g. "tiny")
+    tokenizer: str | None = None  # tokenizer folder; default: `init` when it is a folder
+    seed: int = 0  # random init seed (presets only)
+
+    def __post_init__(self):
+        _check(bool(self.init), "model.init must name a checkpoint folder or a preset")
+
+
+@dataclass
+class SourceConfig:
+    path: str  # a file, a folder (format images), or a brace pattern of tar shards ("d/{000..009}.tar")
+    format: str = "conversation"
+    image_root: str | None = None  # where relative image paths point; default: the file's folder
+    repeat: int = 1  # how many times this source appears per epoch (cheap up-weighting)
+
+    def __post_init__(self):
+        _check(self.format in FORMATS, f"data.sources[].format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.repeat >= 1, f"data.sources[].repeat must be >= 1, got {self.repeat}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    eval_sources: list[SourceConfig] = field(default_factory=list)  # held-out data; else eval_fraction
+    eval_fraction: float = 0.0  # of the training sources, held out (seeded, fixed across epochs)
+    max_length: int = 4096  # longer samples are skipped and counted
+    max_tiles: int | None = None  # dynamic tiling limit; default: the model's max_dynamic_patch
+    caption_prompt: str = "<image>\nDescribe the image briefly."
+    system_message: str | None = None  # default: the template's
+    shuffle: bool = True
+    num_workers: int = 0  # threads that decode and tokenize a batch's samples in parallel
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.sources[]")
+                        for s in self.sources]
+        self.eval_sources = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.eval_sources[]")
+                             for s in self.eval_sources]
+        _check(bool(self.sources), "data.sources is empty: name at least one training source")
+        _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _check(self.max_length > 0, f"data.max_length must be positive, got {self.max_length}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.max_tiles is None or self.max_tiles >= 1, f"data.max_tiles must be >= 1, got {self.max_tiles}")
+        shards = [s.format == "webdataset" for s in self.sources]
+        _check(all(shards) or not any(shards),
+               "data.sources mixes webdataset shards with other formats: put all of it in shards, or none")
+        _check(not (any(shards) and self.eval_fraction > 0),
+               "data.eval_fraction cannot split webdataset shards: give data.eval_sources instead")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.05  # not applied to biases, norms and other 1-D tensors
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; null disables
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> lr factor
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two values in [0, 1), got {self.betas}")
+        _check(self.grad_clip is None or self.grad_clip > 0,
+               f"optim.grad_clip must be positive or null, got {self.grad_clip}")
+        for k, v in self.lr_multipliers.items():
+            _check(v >= 0, f"optim.lr_multipliers[{k!r}] must be >= 0, got {v}")
+
+
+@dataclass
+class TrainLoopConfig:
+    out_dir: str = "runs/hovle"
+    max_steps: int = 1000
+    micro_batch_size: int = 4  # samples per forward on each process
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = micro * accum * world size
+    precision: str = "fp32"  # "fp32" | "bf16-mixed" (bf16 autocast, fp32 master weights)
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: no periodic eval
+    eval_batches: int = 8
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    resume: bool = True  # continue from out_dir/checkpoints/latest when present
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.precision in ("fp32", "bf16-mixed"),
+               f"train.precision must be 'fp32' or 'bf16-mixed', got {self.precision!r}")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "mobilenet_v2"  # "mobilenet_v2", or "package.module:factory" (see docs/training.md)
+    teacher_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
+    loss: str = "cosine"  # "cosine" (1 - cos) or "mse"
+    image_weight: float = 1.0
+    text_weight: float = 1.0
+
+    def __post_init__(self):
+        _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
+        _check(self.image_weight >= 0 and self.text_weight >= 0, "distill.image_weight and text_weight must be >= 0")
+        _check(self.image_weight + self.text_weight > 0, "distill.image_weight and text_weight are both 0")
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    parts: list[str] = field(default_factory=lambda: ["language_model"])  # model prefixes that get adapters
+
+    def __post_init__(self):
+        _check(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.target_modules if t not in LORA_TARGETS]
+        _check(not bad, f"lora.target_modules: unknown {bad}; known: {list(LORA_TARGETS)}")
+        bad = [p for p in self.parts if p not in ("language_model", "embedding_model")]
+        _check(not bad and bool(self.parts),
+               f"lora.parts must be a subset of [language_model, embedding_model], got {self.parts}")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # "ddp" | "fsdp" (FSDP2 fully_shard per decoder layer)
+    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
+
+    def __post_init__(self):
+        _check(self.strategy in ("ddp", "fsdp"), f"distributed.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
+        _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
+               "lora.enabled works with distributed.strategy ddp, not fsdp")
+        if self.stage != "distill":
+            bad = [s.path for s in self.data.sources + self.data.eval_sources if s.format == "images"]
+            _check(not bad, f"data.sources {bad}: format 'images' has no text to learn; it is for stage distill")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _build(cls, d, "")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+        """Read a YAML file (or nothing) and apply `a.b.c=value` overrides (values parsed as YAML)."""
+        import yaml
+
+        d: dict[str, Any] = {}
+        if path is not None:
+            try:
+                d = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} is not key=value")
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {p} is not a section")
+            node[leaf] = yaml.safe_load(value)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: Any, where: str):
+    """Instantiate dataclass `cls` from a dict, recursing into dataclass fields; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and value is not None:
+            value = _build(tp, value, sub)
+        elif isinstance(value, str | int) and not isinstance(value, bool) and float in (get_args(tp) or (tp,)):
+            try:  # PyYAML reads "1e-4" as a string
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{sub}: expected a number, got {value!r}") from None
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None

@@ -1,0 +1,628 @@
+"""One trainer for HoVLE's three stages (distill, align, sft): model setup, the step, the loop, checkpoints.
+
+Losses are sums over target tokens divided by the number of target tokens in the *global* batch (all
+micro-batches on all processes), so 1 process with grad_accum 2 and 2 processes with grad_accum 1 compute
+the same gradient. Checkpoints hold everything a run needs to continue bit-for-bit: trainable weights,
+optimizer, scheduler, RNG and each process's data position; frozen weights are rebuilt from model.init.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from hovle.config import ConfigError
+from hovle.model import DecoderLayer, HoVLE
+from hovle.train.config import TrainConfig
+from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm
+
+# ---- what trains in each stage -------------------------------------------------------------------------------
+
+
+def freeze_for_stage(model: HoVLE, stage: str, lora: bool = False) -> None:
+    """Set requires_grad for `stage`: distill/align train the embedding module, sft the whole model, or only
+    the LoRA adapters when `lora`. Weights HoVLE never uses stay frozen (bit-identical) in every stage: the
+    CLS position embedding and the LLM's input table (unless it is tied to the output head)."""
+    unused = {"embedding_model.vision_embeddings.class_embedding"}
+    if not model.config.llm.tie_word_embeddings:
+        unused.add("language_model.tok_embeddings.weight")
+    for name, p in model.named_parameters():
+        if lora:
+            p.requires_grad_("lora_" in name)
+        elif stage == "sft":
+            p.requires_grad_(name not in unused)
+        else:
+            p.requires_grad_(name.startswith("embedding_model.") and name not in unused)
+
+
+def apply_lora(model: HoVLE, cfg) -> nn.Module:
+    """Inject peft LoRA adapters into the chosen linears of the chosen parts (names kept, `.base_layer` added)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = [name for name, _ in model.named_modules()
+               if any(name.startswith(part + ".") for part in cfg.parts)
+               and any(name.endswith("." + t) for t in cfg.target_modules)]
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    return inject_adapter_in_model(config, model)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA adapter into its base linear and put the plain nn.Linear back, in place."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (parameter names are unchanged)."""
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+
+
+class DistillHead(nn.Module):
+    """Training-only student head: width C -> teacher width D, and the student's token grid resized to the
+    teacher's (bilinear). Not part of the saved model."""
+
+    def __init__(self, width: int, dim: int, teacher_grid: int):
+        super().__init__()
+        self.proj = nn.Linear(width, dim) if width != dim else nn.Identity()
+        self.grid = teacher_grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[N, g*g, C] -> [N, t*t, D]."""
+        x = self.proj(x)
+        N, L, D = x.shape
+        g = math.isqrt(L)
+        if g != self.grid:
+            x = x.transpose(1, 2).reshape(N, D, g, g)
+            x = F.interpolate(x.float(), size=(self.grid, self.grid), mode="bilinear", align_corners=False,
+                              antialias=g > self.grid).to(x.dtype)
+            x = x.flatten(2).transpose(1, 2)
+        return x
+
+
+def token_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-token regression loss [..., D] -> [...]: 1 - cosine, or mean squared error, in fp32."""
+    s, t = student.float(), target.float()
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=-1)
+    return (s - t).pow(2).mean(-1)
+
+
+class StageModule(nn.Module):
+    """The model plus stage-specific training parts; forward returns per-term loss *sums* (what DDP wraps)."""
+
+    def __init__(self, model: nn.Module, stage: str, distill_loss: str = "cosine", head: DistillHead | None = None):
+        super().__init__()
+        self.model, self.stage, self.distill_loss, self.head = model, stage, distill_loss, head
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        return self._distill(batch) if self.stage == "distill" else self._lm(batch)
+
+    def _lm(self, b: dict) -> dict[str, Tensor]:
+        """Cross-entropy summed over target tokens; the LM head only runs where there is a target (image
+        and prompt positions, most of a VLM sequence, never reach the vocab projection)."""
+        m, lm = self.model, self.model.language_model
+        x = m.embed(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"])
+        h = lm.decoder(x, b["attention_mask"].bool())  # [B, T, C]
+        targets = b["labels"][:, 1:]  # position t predicts token t + 1
+        keep = targets != IGNORE_INDEX
+        logits = lm.output(lm.norm(h[:, :-1][keep]))  # [K, V]
+        return {"lm": F.cross_entropy(logits.float(), targets[keep], reduction="sum")}
+
+    def _distill(self, b: dict) -> dict[str, Tensor]:
+        m = self.model
+        out = {}
+        if b["pixel_values"] is not None:
+            cfg = m.config
+            N = b["pixel_values"].shape[0]
+            ctx = cfg.embedding.img_context_token_id
+            ids = torch.full((N, cfg.num_image_token), ctx, device=b["pixel_values"].device)  # one tile per row
+            hd = torch.full((N, cfg.num_patch_tokens), ctx, device=ids.device) if m.is_post else None
+            x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
+            out["image"] = token_loss(self.head(x), b["teacher_features"], self.distill_loss).sum()
+        if b["text_ids"] is not None:
+            x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
+            with torch.no_grad():
+                target = m.language_model.tok_embeddings(b["text_ids"])  # frozen LLM input table
+            per_token = token_loss(x, target, self.distill_loss)  # [B, T]
+            out["text"] = (per_token * b["text_mask"]).sum()
+        return out
+
+
+def loss_terms(stage: str) -> list[str]:
+    return ["image", "text"] if stage == "distill" else ["lm"]
+
+
+def target_counts(batch: dict, stage: str) -> dict[str, int]:
+    """How many tokens each loss term sums over in this micro-batch (the normaliser's share)."""
+    if stage != "distill":
+        return {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
+    counts = {"image": 0, "text": 0}
+    if batch["teacher_features"] is not None:
+        counts["image"] = batch["teacher_features"].shape[0] * batch["teacher_features"].shape[1]
+    if batch["text_mask"] is not None:
+        counts["text"] = int(batch["text_mask"].sum())
+    return counts
+
+
+def input_tokens(batch: dict, stage: str) -> int:
+    """Tokens the model processes in this micro-batch (for throughput)."""
+    if stage != "distill":
+        return int(batch["attention_mask"].sum())
+    n = 0 if batch["text_mask"] is None else int(batch["text_mask"].sum())
+    return n + (0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0] * batch["n_image_tokens"])
+
+
+# ---- distributed helpers -----------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss: float
+    parts: dict[str, float]
+    grad_norm: float
+    tokens: int
+    samples: int
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from hovle.tokenizer import load_tokenizer
+
+        self.cfg = cfg
+        self.rank, self.world = _world()
+        self.device = torch.device(cfg.device if cfg.device != "cuda" or not dist.is_initialized()
+                                   else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        self.out = Path(cfg.train.out_dir)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        self.model = build_model(cfg, self.device)
+        tok_path = cfg.model.tokenizer or (cfg.model.init if Path(cfg.model.init).is_dir() else None)
+        if tok_path is None:
+            raise ConfigError("model.tokenizer is required when model.init is a preset (no tokenizer folder)")
+        self.tokenizer = load_tokenizer(tok_path)
+        if len(self.tokenizer) > self.model.config.llm.vocab_size:
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} ids but the model's vocab_size is "
+                              f"{self.model.config.llm.vocab_size}")
+
+        self.teacher, head = None, None
+        if cfg.stage == "distill":
+            self.teacher, head = self._teacher_and_head()
+        if cfg.lora.enabled:
+            apply_lora(self.model, cfg.lora)
+        freeze_for_stage(self.model, cfg.stage, cfg.lora.enabled)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill.loss, head).to(self.device)
+        self.module.train()
+        self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
+        self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        self.optimizer = build_optimizer(self.trainable, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+        encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher)
+        train_stream, eval_stream = build_streams(cfg.data, cfg.train.seed, self.rank, self.world)
+        self.loader = Loader(train_stream, encoder, cfg.data.num_workers)
+        self.eval_loader = Loader(eval_stream, encoder, cfg.data.num_workers) if eval_stream is not None else None
+        self.eval_start = self.eval_loader.state() if self.eval_loader else None
+        self.step = 0
+
+    # ---- setup ----
+
+    def _teacher_and_head(self):
+        from hovle.train.teachers import load_teacher
+
+        teacher = load_teacher(self.cfg.distill.teacher, **self.cfg.distill.teacher_args)
+        if isinstance(teacher, nn.Module):
+            teacher.to(self.device).eval().requires_grad_(False)
+        s = teacher.image_size
+        tokens = teacher.features(torch.zeros(1, 3, s, s, device=self.device)).shape[1]
+        grid = math.isqrt(tokens)
+        if grid * grid != tokens:
+            raise ConfigError(f"distill.teacher gives {tokens} tokens per image, not a square grid")
+        head = DistillHead(self.model.config.llm.hidden_size, teacher.dim, grid)
+        with torch.no_grad():  # seeded like the rest of the run, independent of the teacher's init
+            gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
+        return teacher, head
+
+    def _parallelize(self) -> nn.Module:
+        if self.world == 1:
+            return self.module
+        if self.cfg.distributed.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for m in self.module.modules():
+                if isinstance(m, DecoderLayer):
+                    fully_shard(m)
+            return fully_shard(self.module)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Batches without images leave the vision parameters unused, hence find_unused_parameters.
+        return DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+
+    # ---- batches ----
+
+    def _batch(self, loader: Loader) -> dict:
+        examples = loader.batch(self.cfg.train.micro_batch_size)
+        pad = self.tokenizer.pad_token_id or 0
+        if self.cfg.stage != "distill":
+            batch = collate_lm(examples, pad)
+        else:
+            batch = collate_distill(examples, pad)
+            batch["n_image_tokens"] = self.model.config.num_embedding_image_token
+            tp = batch.pop("teacher_pixels")
+            batch["teacher_features"] = None if tp is None else self.teacher.features(tp.to(self.device)).float()
+        batch["samples"] = len(examples)
+        return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16-mixed":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _weights(self) -> dict[str, float]:
+        d = self.cfg.distill
+        return {"lm": 1.0, "image": d.image_weight, "text": d.text_weight}
+
+    # ---- one optimizer step ----
+
+    def train_step(self) -> StepResult:
+        """grad_accum micro-batches on each process -> one AdamW step. Returns global (all-process) figures."""
+        batches = [self._batch(self.loader) for _ in range(self.cfg.train.grad_accum)]
+        keys = loss_terms(self.cfg.stage)
+        local = [sum(target_counts(b, self.cfg.stage)[k] for b in batches) for k in keys]
+        local += [sum(input_tokens(b, self.cfg.stage) for b in batches), sum(b["samples"] for b in batches)]
+        *totals, tokens, samples = _all_sum(local, self.device)
+        totals = dict(zip(keys, totals))
+        weights = self._weights()
+        parts = dict.fromkeys(keys, 0.0)
+        ddp = isinstance(self.wrapped, DistributedDataParallel)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            with (self.wrapped.no_sync() if ddp and not last else nullcontext()), self._autocast():
+                sums = self.wrapped(b)
+            # Each term is a share of the global mean; DDP/FSDP average gradients, hence * world.
+            shares = {k: s / totals[k] for k, s in sums.items() if totals[k] > 0}
+            loss = sum(weights[k] * v for k, v in shares.items())
+            (loss * self.world).backward()
+            for k, v in shares.items():
+                parts[k] += float(v.detach())
+        params = list(self.trainable.values())
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = dict(zip(keys, _all_sum([parts[k] for k in keys], self.device)))
+        loss = sum(weights[k] * v for k, v in parts.items())
+        return StepResult(loss, parts, float(norm.full_tensor() if isinstance(norm, DTensor) else norm),
+                          int(tokens), int(samples))
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the first train.eval_batches micro-batches of the held-out split (same each time)."""
+        if self.eval_loader is None:
+            return None
+        self.eval_loader.load_state(self.eval_start)
+        keys = loss_terms(self.cfg.stage)
+        sums, counts = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+        for _ in range(self.cfg.train.eval_batches):
+            b = self._batch(self.eval_loader)
+            with self._autocast():
+                out = self.module(b)  # unwrapped (DDP) or the FSDP2 root itself
+            for k, n in target_counts(b, self.cfg.stage).items():
+                counts[k] += n
+                sums[k] += float(out[k]) if k in out else 0.0
+        total = _all_sum([sums[k] for k in keys] + [counts[k] for k in keys], self.device)
+        s, n = dict(zip(keys, total[: len(keys)])), dict(zip(keys, total[len(keys):]))
+        weights = self._weights()
+        return sum(weights[k] * s[k] / n[k] for k in keys if n[k] > 0)
+
+    # ---- checkpoints ----
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        if self.cfg.distributed.strategy == "fsdp" and self.world > 1:
+            return {n: p.full_tensor().detach().cpu() for n, p in self.trainable.items()}
+        return {n: p.detach().cpu().clone() for n, p in self.trainable.items()}
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_N (temp folder + rename) and then the `latest` pointer (temp + rename)."""
+        data = _gather(self.loader.state())
+        fsdp = self.cfg.distributed.strategy == "fsdp" and self.world > 1
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim = get_optimizer_state_dict(self.wrapped, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim = self.optimizer.state_dict()
+        weights = self._trainable_state()
+        final = self.ckpt_dir / f"step_{self.step:08d}"
+        if self.rank == 0:
+            state = {
+                "step": self.step, "trainable": weights, "optimizer": optim,
+                "scheduler": self.scheduler.state_dict(), "data": data, "world_size": self.world,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "config": self.cfg.to_dict(),
+            }
+            tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / "state.pt")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer = self.ckpt_dir / ".latest.tmp"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, self.ckpt_dir / "latest")
+            for old in sorted(self.ckpt_dir.glob("step_*"))[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            plot_metrics(self.out)
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if (path / "state.pt").is_file() else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if state["world_size"] != self.world:
+            raise ConfigError(f"{path} was written by {state['world_size']} processes; resume with the same number "
+                              f"(this run has {self.world})")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                t = state["trainable"][n].to(self.device)
+                if isinstance(p, DTensor):  # FSDP2 shard: keep this rank's part
+                    t = distribute_tensor(t, p.device_mesh, p.placements)
+                p.copy_(t)
+        if self.cfg.distributed.strategy == "fsdp" and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state(state["data"][self.rank])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+
+    # ---- the loop ----
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self, stop_at_step: int | None = None) -> Path | None:
+        """Train to train.max_steps (resuming when a checkpoint exists); save the final model folder.
+
+        `stop_at_step` ends the run early right after that step's checkpoint (for time-limited job slots);
+        the next call resumes from it. Returns the final model folder, or None when stopped early."""
+        from tqdm import tqdm
+
+        tc = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        latest = self.latest_checkpoint() if tc.resume else None
+        if latest is not None:
+            self.load_checkpoint(latest)
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=self.rank != 0 or not tc.progress,
+                   desc=f"{self.cfg.stage}", dynamic_ncols=True)
+        window = {"tokens": 0, "samples": 0, "time": 0.0}
+        while self.step < tc.max_steps:
+            t0 = time.perf_counter()
+            r = self.train_step()
+            self.step += 1
+            window["tokens"] += r.tokens
+            window["samples"] += r.samples
+            window["time"] += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.4f}")
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                self.log({"step": self.step, "loss": r.loss, **{f"loss_{k}": v for k, v in r.parts.items()},
+                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": r.grad_norm,
+                          "tokens_per_s": window["tokens"] / window["time"],
+                          "samples_per_s": window["samples"] / window["time"],
+                          "skipped": _merge_counts(_gather(dict(self.loader.skipped)))})
+                window = {"tokens": 0, "samples": 0, "time": 0.0}
+            if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
+                eval_loss = self.evaluate()
+                if eval_loss is not None:
+                    self.log({"step": self.step, "eval_loss": eval_loss})
+            if (tc.save_every and self.step % tc.save_every == 0) or self.step == stop_at_step:
+                self.save_checkpoint()
+            if self.step == stop_at_step:
+                bar.close()
+                return None
+        bar.close()
+        return self.save_final()
+
+    def save_final(self) -> Path:
+        """out_dir/final: a plain checkpoint folder (config.json, safetensors, tokenizer) with LoRA merged."""
+        final = self.out / "final"
+        if self.cfg.distributed.strategy == "fsdp" and self.world > 1:
+            full = {n: p.full_tensor() for n, p in self.model.named_parameters()}  # collective: every rank
+            model = HoVLE.from_config(self.model.config, seed=None)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(full[n])
+        else:
+            model = self.model
+        if self.rank == 0:
+            if self.cfg.lora.enabled:
+                merge_lora(model)
+            model.save_pretrained(final)
+            self.tokenizer.save_pretrained(final)
+            plot_metrics(self.out)
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+
+def _merge_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Add up per-process skip counters."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# ---- builders ---------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, device) -> HoVLE:
+    """fp32 master weights: the checkpoint folder in model.init, or a seeded random preset / config.json."""
+    init = Path(cfg.model.init)
+    if init.is_dir():
+        model = HoVLE.from_pretrained(init, dtype=torch.float32, device=device)
+    else:
+        model = HoVLE.from_config(cfg.model.init, dtype=torch.float32, device=device, seed=cfg.model.seed)
+    return model.train()
+
+
+def build_optimizer(trainable: dict[str, Tensor], cfg) -> torch.optim.AdamW:
+    """AdamW, one group per (lr multiplier, decay or not); 1-D tensors (norms, biases) get no weight decay.
+    Names are matched against optim.lr_multipliers by prefix (longest wins), without the "model." prefix."""
+    groups: dict[tuple[float, bool], list[Tensor]] = {}
+    for name, p in trainable.items():
+        short = name.removeprefix("model.")
+        hits = [k for k in cfg.lr_multipliers if short.startswith(k)]
+        mult = cfg.lr_multipliers[max(hits, key=len)] if hits else 1.0
+        groups.setdefault((mult, p.dim() >= 2), []).append(p)
+    if not groups:
+        raise ConfigError("no parameter is trainable in this stage")
+    param_groups = [{"params": ps, "lr": cfg.lr * mult, "weight_decay": cfg.weight_decay if decay else 0.0}
+                    for (mult, decay), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup from lr/warmup to lr, then cosine down to lr * min_lr_ratio at max_steps."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ---- metrics ----------------------------------------------------------------------------------------------------
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_metrics(out: Path) -> None:
+    """out/loss.png: training loss (and eval loss) against step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out / "loss.png")
+
+
+def train(cfg: TrainConfig, stop_at_step: int | None = None) -> Path | None:
+    """Run a whole training job (initialising torch.distributed under torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = cfg.distributed.backend or ("nccl" if cfg.device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        return Trainer(cfg).fit(stop_at_step)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
