@@ -30,8 +30,8 @@ def _load(args):
     path = Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json)")
-    model = HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device))
-    return model, load_tokenizer(path)
+    tokenizer = load_tokenizer(path)  # first: it fails fast, the weights take a while
+    return HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device)), tokenizer
 
 
 def _images(model, args):
