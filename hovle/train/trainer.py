@@ -229,9 +229,12 @@ class Trainer:
         if tok_path is None:
             raise ConfigError("model.tokenizer is required when model.init is a preset (no tokenizer folder)")
         self.tokenizer = load_tokenizer(tok_path)
-        if len(self.tokenizer) > self.model.config.llm.vocab_size:
-            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} ids but the model's vocab_size is "
-                              f"{self.model.config.llm.vocab_size}")
+        # Ids past the LLM's vocabulary are fine when the embedding module embeds them itself (HoVLE-Tiny's
+        # <img>, </img>, <IMG_CONTEXT>: special_token_maps); they are never prediction targets.
+        vocab = self.model.config.llm.vocab_size
+        special = set((self.model.config.embedding.special_token_maps or {}).values())
+        if set(range(vocab, len(self.tokenizer))) - special:
+            raise ConfigError(f"the tokenizer has {len(self.tokenizer)} ids but the model's vocab_size is {vocab}")
 
         self.teacher, head = None, None
         if cfg.stage == "distill":

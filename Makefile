@@ -1,0 +1,61 @@
+# HoVLE-Tiny from scratch on a CPU: data + step-0 model -> Stage I -> Stage II -> Stage III -> eval.
+#   make tiny-model                # about 2 hours on 2 CPU cores (budget: docs/hovle-tiny.md)
+# Every step skips itself when its output exists, and `hovle train` resumes from its own checkpoints
+# (every 50 steps), so running `make tiny-model` again continues an interrupted run.
+# Knobs: make tiny-model TINY=runs/tiny2 TINY_TRAIN=3000 S1_ARGS='train.max_steps=100' ...
+
+PY        ?= python
+TINY      ?= runs/tiny
+TINY_SEED ?= 0
+TINY_TRAIN ?= 6000
+TINY_HELDOUT ?= 200
+TINY_EVAL ?= 50
+TINY_TILES ?= 2
+S1_ARGS   ?=
+S2_ARGS   ?=
+S3_ARGS   ?=
+EVAL_ARGS ?=
+
+D := $(TINY)/data
+TRAIN := $(PY) -m hovle.train
+
+.PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-eval tiny-clean
+
+tiny-model: $(TINY)/eval.json
+	@$(PY) -c "import json; r = json.load(open('$(TINY)/eval.json')); print('HoVLE-Tiny:', '$(TINY)/stage3/final', {k: round(v, 3) for k, v in r['accuracy'].items()})"
+
+tiny-prepare: $(TINY)/init/DONE.json
+tiny-stage1: $(TINY)/stage1/DONE
+tiny-stage2: $(TINY)/stage2/DONE
+tiny-stage3: $(TINY)/stage3/DONE
+tiny-eval: $(TINY)/eval.json
+
+# prepare writes data/DONE.json and init/DONE.json last (and skips a part whose marker exists).
+$(TINY)/init/DONE.json:
+	$(PY) -m hovle.tiny.pipeline prepare --out $(TINY) --train $(TINY_TRAIN) --heldout $(TINY_HELDOUT) \
+		--eval-per-type $(TINY_EVAL) --seed $(TINY_SEED) --max-tiles $(TINY_TILES)
+
+# Each stage's DONE marker is written only after `hovle train` has saved out_dir/final completely.
+$(TINY)/stage1/DONE: $(TINY)/init/DONE.json
+	$(TRAIN) examples/tiny/stage1_distill.yaml model.init=$(TINY)/init train.out_dir=$(TINY)/stage1 \
+		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}]' \
+		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S1_ARGS)
+	touch $@
+
+$(TINY)/stage2/DONE: $(TINY)/stage1/DONE
+	$(TRAIN) examples/tiny/stage2_align.yaml model.init=$(TINY)/stage1/final train.out_dir=$(TINY)/stage2 \
+		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}]' \
+		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S2_ARGS)
+	touch $@
+
+$(TINY)/stage3/DONE: $(TINY)/stage2/DONE
+	$(TRAIN) examples/tiny/stage3_sft.yaml model.init=$(TINY)/stage2/final train.out_dir=$(TINY)/stage3 \
+		'data.sources=[{path: $(D)/train_sft.jsonl, format: conversation}]' \
+		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_ARGS)
+	touch $@
+
+$(TINY)/eval.json: $(TINY)/stage3/DONE
+	$(PY) -m hovle.tiny.pipeline evaluate --model $(TINY)/stage3/final --data $(D)/eval.jsonl --json $@ $(EVAL_ARGS)
+
+tiny-clean:
+	rm -rf $(TINY)
