@@ -155,6 +155,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.load(f, ["lora.enabled=true"])
     with pytest.raises(ConfigError, match="not key=value"):
         TrainConfig.load(f, ["train.max_steps"])
+    with pytest.raises(FileNotFoundError, match="training config not found: .*missing.yaml"):
+        TrainConfig.load(tmp_path / "missing.yaml")
 
 
 def test_train_subcommand_wiring(tmp_path, base, data, capsys):

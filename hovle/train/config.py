@@ -199,6 +199,8 @@ class TrainConfig:
 
         d: dict[str, Any] = {}
         if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"training config not found: {path}")
             try:
                 d = yaml.safe_load(Path(path).read_text()) or {}
             except yaml.YAMLError as e:
