@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hovle.config import DecoderConfig, EmbeddingConfig, HoVLEConfig, LLMConfig
+from hovle.config import PRESETS, DecoderConfig, EmbeddingConfig, HoVLEConfig, LLMConfig
 
 
 class RMSNorm(nn.Module):
@@ -468,7 +468,7 @@ class HoVLE(nn.Module):
                     device: str | torch.device = "cpu", seed: int | None = 0) -> HoVLE:
         """Random weights (std 0.02 normal, unit norms): for tests, benchmarks and training from scratch."""
         if not isinstance(config, HoVLEConfig):
-            config = HoVLEConfig.from_name(config) if str(config) in _preset_names() else HoVLEConfig.from_json(config)
+            config = HoVLEConfig.from_name(config) if str(config) in PRESETS else HoVLEConfig.from_json(config)
         model = _build(config, dtype, device)
         gen = torch.Generator(device="cpu")
         if seed is not None:
@@ -531,12 +531,6 @@ class HoVLE(nn.Module):
         from hovle.chat import batch_chat
 
         return batch_chat(self, tokenizer, pixel_values, questions, generation_config, num_patches_list, **kwargs)
-
-
-def _preset_names() -> set[str]:
-    from hovle.config import PRESETS
-
-    return set(PRESETS)
 
 
 def _build(config: HoVLEConfig, dtype: torch.dtype, device: str | torch.device) -> HoVLE:
