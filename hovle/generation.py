@@ -151,16 +151,16 @@ def stream_generate(model, input_ids: Tensor, pixel_values: Tensor | None = None
         raise ValueError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
     if pixel_values is not None:
         pixel_values = pixel_values.to(dev, model.dtype)
-    if model.is_post and pixel_values is not None and hd_input_ids is None:
-        hd_input_ids = model.hd_ids(input_ids)
     hd_input_ids = None if hd_input_ids is None else hd_input_ids.to(dev)
     attention_mask = None if attention_mask is None else attention_mask.to(dev)
     hd_attention_mask = None if hd_attention_mask is None else hd_attention_mask.to(dev)
+    # The embedding module's own prompt (longer for "post" models with images) sizes its cache.
+    module_ids, module_mask = model.module_inputs(input_ids, pixel_values, hd_input_ids, attention_mask,
+                                                  hd_attention_mask)
 
     B, T = input_ids.shape
-    hd_len = T if hd_input_ids is None or not model.is_post else hd_input_ids.shape[1]
-    cache = model.new_cache(B, T + cfg.max_new_tokens, hd_len + cfg.max_new_tokens)
-    logits = model.step(input_ids, cache, pixel_values, hd_input_ids, attention_mask, hd_attention_mask)
+    cache = model.new_cache(B, T + cfg.max_new_tokens, module_ids.shape[1] + cfg.max_new_tokens)
+    logits = model.step(input_ids, cache, pixel_values, module_ids, attention_mask, module_mask)
 
     eos = torch.tensor(cfg.eos_ids or (-1,), device=dev)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids[0] if cfg.eos_ids else 0)
