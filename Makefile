@@ -19,24 +19,25 @@ EVAL_ARGS ?=
 D := $(TINY)/data
 TRAIN := $(PY) -m hovle.train
 
-.PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-eval tiny-clean
+.PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-ship tiny-eval tiny-install tiny-clean
 
 tiny-model: $(TINY)/eval.json
-	@$(PY) -c "import json; r = json.load(open('$(TINY)/eval.json')); print('HoVLE-Tiny:', '$(TINY)/stage3/final', {k: round(v, 3) for k, v in r['accuracy'].items()})"
+	@$(PY) -c "import json; r = json.load(open('$(TINY)/eval.json')); print('HoVLE-Tiny:', '$(TINY)/hovle-tiny', {k: round(v, 3) for k, v in r['accuracy'].items()})"
 
-tiny-prepare: $(TINY)/init/DONE.json
+tiny-prepare: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
 tiny-stage1: $(TINY)/stage1/DONE
 tiny-stage2: $(TINY)/stage2/DONE
 tiny-stage3: $(TINY)/stage3/DONE
+tiny-ship: $(TINY)/hovle-tiny/hovle_tiny.json
 tiny-eval: $(TINY)/eval.json
 
 # prepare writes data/DONE.json and init/DONE.json last (and skips a part whose marker exists).
-$(TINY)/init/DONE.json:
+$(TINY)/data/DONE.json $(TINY)/init/DONE.json &:
 	$(PY) -m hovle.tiny.pipeline prepare --out $(TINY) --train $(TINY_TRAIN) --heldout $(TINY_HELDOUT) \
 		--eval-per-type $(TINY_EVAL) --seed $(TINY_SEED) --max-tiles $(TINY_TILES)
 
 # Each stage's DONE marker is written only after `hovle train` has saved out_dir/final completely.
-$(TINY)/stage1/DONE: $(TINY)/init/DONE.json
+$(TINY)/stage1/DONE: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
 	$(TRAIN) examples/tiny/stage1_distill.yaml model.init=$(TINY)/init train.out_dir=$(TINY)/stage1 \
 		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}]' \
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S1_ARGS)
@@ -54,8 +55,18 @@ $(TINY)/stage3/DONE: $(TINY)/stage2/DONE
 		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_ARGS)
 	touch $@
 
-$(TINY)/eval.json: $(TINY)/stage3/DONE
-	$(PY) -m hovle.tiny.pipeline evaluate --model $(TINY)/stage3/final --data $(D)/eval.jsonl --json $@ $(EVAL_ARGS)
+# The shipped form: the embedding module + rank-16 deltas of the LLM linears (SmolLM2 itself is not copied).
+$(TINY)/hovle-tiny/hovle_tiny.json: $(TINY)/stage3/DONE
+	$(PY) -m hovle.tiny.pipeline ship --model $(TINY)/stage3/final --out $(TINY)/hovle-tiny
+
+$(TINY)/eval.json: $(TINY)/hovle-tiny/hovle_tiny.json
+	$(PY) -m hovle.tiny.pipeline evaluate --model $(TINY)/hovle-tiny --data $(D)/eval.jsonl --json $@ \
+		--baseline $(TINY)/init $(EVAL_ARGS)
+
+# Make the new model the package's default (`hovle chat` without --model, from_pretrained("hovle-tiny")).
+tiny-install: $(TINY)/eval.json
+	cp $(TINY)/hovle-tiny/config.json $(TINY)/hovle-tiny/hovle_tiny.json $(TINY)/hovle-tiny/weights.safetensors \
+		hovle/tiny/hovle-tiny/
 
 tiny-clean:
 	rm -rf $(TINY)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MODEL = "hovle-tiny"  # the embedded default model (docs/hovle-tiny.md)
+MODEL_HELP = "checkpoint folder (official HoVLE / HoVLE-HD layout), or hovle-tiny (default)"
 
 
 class UsageError(Exception):
@@ -26,10 +28,12 @@ def _device(name: str) -> str:
 
 def _load(args):
     from hovle import HoVLE, load_tokenizer
+    from hovle.tiny.ship import shipped_folder
 
-    path = Path(args.model)
+    path = shipped_folder(args.model) or Path(args.model)
     if not path.is_dir():
-        raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json)")
+        raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json, "
+                         f"or {DEFAULT_MODEL})")
     tokenizer = load_tokenizer(path)  # first: it fails fast, the weights take a while
     return HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device)), tokenizer
 
@@ -116,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="ask about images (one question, or an interactive session without one)")
     c.add_argument("question", nargs="?", help="the question; omit it for an interactive multi-turn session")
-    c.add_argument("--model", required=True, help="checkpoint folder (official HoVLE / HoVLE-HD layout)")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     c.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
     c.add_argument("--video", help="video file (needs the 'video' extra); frames become images")
     c.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
-    c.add_argument("--max-tiles", type=int, help="max 448-px tiles per image (default: the model's config)")
+    c.add_argument("--max-tiles", type=int, help="max tiles per image (default: the model's config)")
     c.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights dtype (default bf16)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     c.add_argument("--max-new-tokens", type=int, default=512)

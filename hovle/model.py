@@ -486,9 +486,13 @@ class HoVLE(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> HoVLE:
-        """Load an official-layout checkpoint folder (config.json + safetensors), tensor by tensor."""
+        """Load an official-layout checkpoint folder (config.json + safetensors), tensor by tensor, or
+        "hovle-tiny" (the embedded default model, rebuilt on SmolLM2: hovle.tiny.ship)."""
+        from hovle.tiny.ship import load_shipped, shipped_folder
         from hovle.weights import load_checkpoint
 
+        if shipped_folder(path) is not None:
+            return load_shipped(path, dtype, device)
         config = HoVLEConfig.from_json(Path(path))
         model = _build(config, dtype, device)
         load_checkpoint(model, Path(path))

@@ -827,9 +827,11 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None):
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `hovle serve` on an argparse subparsers object."""
+    from hovle.cli import DEFAULT_MODEL, MODEL_HELP
+
     d = ServeSettings()
     s = subparsers.add_parser("serve", help="OpenAI-compatible chat server with a chat page (needs the serve extra)")
-    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("HOVLE_API_KEY"),

@@ -405,11 +405,15 @@ def _final_length(text: str) -> int:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer in a model folder.
+    """Load the tokenizer in a model folder, or HoVLE-Tiny's ("hovle-tiny", rebuilt from the SmolLM2 GGUF).
 
     A SentencePiece `tokenizer.model` means InternLM2, unless the folder also has a `tokenizer.json`
     and its config names another tokenizer class (Llama folders often ship both files).
     """
+    from hovle.tiny.ship import load_shipped_tokenizer, shipped_folder
+
+    if shipped_folder(path) is not None:
+        return load_shipped_tokenizer(path)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no tokenizer folder at {folder} (looked for tokenizer.model or tokenizer.json)")

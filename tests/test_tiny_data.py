@@ -92,6 +92,27 @@ def test_pixels_show_the_stated_shapes_and_colours():
         assert len(match) == q["count"] == 1 + i % 5
 
 
+def test_photo_scenes():
+    """Real photos, cropped and mirrored, described as photos with their main colours; the cat and the coffee
+    cup (the held-out sanity check) never appear."""
+    pytest.importorskip("skimage")
+    kinds = Counter(D.sample_scene(5, i)["kind"] for i in range(400))
+    assert 8 <= kinds["photo"] <= 40, kinds
+    seen = set()
+    for i in range(60):
+        scene = D.sample_scene(5, i, kind="photo")
+        seen.add(scene["photo"])
+        img = D.render_scene(scene)
+        assert img.size == (scene["width"], scene["height"]) and img.mode == "RGB"
+        assert scene["colors"] == D.main_colors(img) and np.array_equal(np.asarray(img), np.asarray(D.render_scene(scene)))
+        qas = {qa["qtype"]: qa for qa in D.questions(scene, random.Random(i))}
+        assert set(qas) == {"photo", "photo_colors", "photo_absent"}
+        assert scene["content"] in qas["photo"]["answer"] and scene["content"] in D.caption(scene, random.Random(i))
+        assert all(c in qas["photo_colors"]["answer"] for c in scene["colors"])
+    assert seen <= set(D.PHOTOS) and len(seen) >= 10 and not seen & set(D.HELD_OUT_PHOTOS)
+    assert D.main_colors(Image.new("RGB", (32, 32), D.COLORS["green"]), k=2) == ["green"]
+
+
 def test_image_sizes_give_one_to_several_tiles():
     tiles = {D.num_tiles(w, h) for w, h in D.IMAGE_SIZES}
     assert 1 in tiles and max(tiles) >= 4

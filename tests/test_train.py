@@ -27,7 +27,8 @@ from hovle.chat import expand_images, get_template
 from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
-from hovle.train.trainer import Trainer, train
+from hovle.train.config import LoRAConfig
+from hovle.train.trainer import Trainer, apply_lora, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -282,6 +283,16 @@ def test_freeze_for_stage():
         for name, p in model.named_parameters():
             unused = name.endswith("class_embedding") or name == "language_model.tok_embeddings.weight"
             assert p.requires_grad == (name.startswith(expect) and not unused), (stage, name)
+    # LoRA parts train their adapters only; other parts follow the stage; `frozen` prefixes never train
+    pytest.importorskip("peft")
+    apply_lora(model, LoRAConfig(r=2, target_modules=["feed_forward.w2"], parts=["language_model"]))
+    freeze_for_stage(model, "sft", ["language_model"], ["embedding_model.llm_text_embeddings"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("language_model.")} == {
+        n for n, _ in model.named_parameters() if "lora_" in n}
+    assert {n for n in trainable if n.startswith("embedding_model.")} == {
+        n for n, _ in model.named_parameters() if n.startswith("embedding_model.")
+        and "class_embedding" not in n and "llm_text_embeddings" not in n}
 
 
 def run_stage(tmp_path, base, data, stage, loc="pre", **over):
@@ -463,7 +474,7 @@ def test_distill_trains_the_embedding_module_towards_the_teachers(tmp_path, base
 
 def test_lora_trains_adapters_and_merges_into_plain_weights(tmp_path, base, data, tok):
     pytest.importorskip("peft")
-    cfg = config(tmp_path, base, data, "sft", lora__enabled=True, lora__r=4,
+    cfg = config(tmp_path, base, data, "sft", lora__enabled=True, lora__r=4, model__freeze=["embedding_model."],
                  lora__target_modules=["attention.wqkv", "feed_forward.w2"])
     trainer = Trainer(cfg)
     trainable = set(trainer.trainable)

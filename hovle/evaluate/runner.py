@@ -258,10 +258,10 @@ def cmd_eval(args) -> None:
 
 def add_eval_parser(subparsers) -> None:
     """Register `hovle eval` on an argparse subparsers object (hovle.cli.build_parser calls this)."""
-    from hovle.cli import DTYPES
+    from hovle.cli import DEFAULT_MODEL, DTYPES, MODEL_HELP
 
     e = subparsers.add_parser("eval", help="score a checkpoint on VLMEvalKit TSV benchmarks (MME, POPE, MMBench, ...)")
-    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     e.add_argument("--data", required=True, action="append",
                    help="VLMEvalKit TSV file (e.g. MME.tsv, MMBench_DEV_EN.tsv); repeat for several")
     e.add_argument("--dataset-type", choices=list(SPECS),

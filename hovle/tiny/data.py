@@ -85,8 +85,33 @@ FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/libe
              "/usr/share/fonts/dejavu", "/usr/share/fonts/liberation")
 INK = {"black": (20, 20, 20), "white": (250, 250, 250), "cream": (245, 238, 220), "dark grey": (60, 60, 60), **COLORS}
 
-SCENE_KINDS = ("single", "count", "pair", "multi", "text")
-SCENE_WEIGHTS = (0.2, 0.25, 0.2, 0.15, 0.2)
+SCENE_KINDS = ("single", "count", "pair", "multi", "text", "photo")
+SCENE_WEIGHTS = (0.2, 0.25, 0.2, 0.15, 0.2, 0.05)
+
+# Real photographs bundled with scikit-image (public domain / CC0), cropped, flipped and resized, so that the
+# model says it sees a photograph (and its main colours) instead of describing shapes that are not there. The
+# cat (chelsea.png) and coffee.png never enter training: they are the held-out sanity check.
+PHOTOS = {
+    "astronaut.png": "an astronaut in a spacesuit, with a flag behind her",
+    "brick.png": "a brick wall",
+    "camera.png": "a man standing behind a camera on a tripod",
+    "cell.png": "a cell under a microscope",
+    "clock_motion.png": "a clock, blurred by motion",
+    "coins.png": "a collection of old coins",
+    "grass.png": "grass",
+    "gravel.png": "gravel",
+    "horse.png": "the silhouette of a horse",
+    "hubble_deep_field.jpg": "galaxies in deep space",
+    "ihc.png": "stained tissue under a microscope",
+    "moon.png": "the cratered surface of the moon",
+    "motorcycle_left.png": "a motorcycle",
+    "motorcycle_right.png": "a motorcycle",
+    "page.png": "a page of printed text",
+    "retina.jpg": "the retina of an eye",
+    "rocket.jpg": "a rocket on its launch pad",
+}
+HELD_OUT_PHOTOS = ("chelsea.png", "coffee.png")
+PHOTO_PALETTE = {**COLORS, "black": (20, 20, 20), "grey": (128, 128, 128), "white": (240, 240, 240)}
 EVAL_QTYPES = ("color", "shape", "count", "position", "text")
 
 
@@ -218,6 +243,8 @@ def sample_scene(seed: int, index: int, kind: str | None = None, variant: int = 
 
 def _try_scene(rng: random.Random, kind: str, force: dict) -> dict[str, Any] | None:
     w, h = force.get("size") or rng.choice(IMAGE_SIZES)
+    if kind == "photo":
+        return _photo_scene(rng, w, h)
     bg = _background(rng)
     objs: list[dict] = []
     boxes: list[tuple] = []
@@ -359,9 +386,49 @@ def shape_points(shape: str, cx: float, cy: float, r: float, rotation: float) ->
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def photo_dir() -> Path:
+    """scikit-image's data folder (found without importing scikit-image)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("HoVLE-Tiny's photo samples come from scikit-image: pip install scikit-image==0.26.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@lru_cache(maxsize=len(PHOTOS))
+def _photo(name: str) -> Image.Image:
+    return Image.open(photo_dir() / name).convert("RGB")
+
+
+def main_colors(img: Image.Image, k: int = 2) -> list[str]:
+    """The `k` palette colours (shape colours plus black, grey, white) that most pixels are nearest to."""
+    px = np.asarray(img.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).reshape(-1, 3)
+    names = list(PHOTO_PALETTE)
+    pal = np.array([PHOTO_PALETTE[n] for n in names], dtype=np.float32)
+    nearest = ((px[:, None] - pal[None]) ** 2).sum(-1).argmin(1)
+    return [names[i] for i, _ in Counter(nearest.tolist()).most_common(k)]
+
+
+def _photo_scene(rng: random.Random, w: int, h: int) -> dict[str, Any]:
+    """A random crop (at least half of each side) of a training photo, maybe mirrored, resized to w x h."""
+    name = rng.choice(sorted(PHOTOS))
+    pw, ph = _photo(name).size
+    cw, ch = int(pw * rng.uniform(0.5, 1.0)), int(ph * rng.uniform(0.5, 1.0))
+    x0, y0 = rng.randint(0, pw - cw), rng.randint(0, ph - ch)
+    scene = {"kind": "photo", "width": w, "height": h, "photo": name, "content": PHOTOS[name],
+             "crop": [x0, y0, x0 + cw, y0 + ch], "mirror": name != "page.png" and rng.random() < 0.5,
+             "objects": [], "text": None}
+    scene["colors"] = main_colors(render_scene(scene))
+    return scene
+
+
 def render_scene(scene: dict[str, Any]) -> Image.Image:
     """Draw a scene: the same scene dict always gives the same pixels (no antialiasing, so colours are exact)."""
     w, h = scene["width"], scene["height"]
+    if scene["kind"] == "photo":
+        img = _photo(scene["photo"]).crop(tuple(scene["crop"])).resize((w, h), Image.Resampling.BICUBIC)
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if scene["mirror"] else img
     img = _paint_background(scene["background"], w, h)
     draw = ImageDraw.Draw(img)
     for o in scene["objects"]:
@@ -456,8 +523,17 @@ def _text_phrase(t: dict, rng: random.Random) -> str:
                        f'the text "{t["word"]}"{where}', f'"{t["word"]}" in {t["ink"]} letters{where}'))
 
 
+def _photo_caption(scene: dict[str, Any], rng: random.Random) -> str:
+    what, colors = scene["content"], " and ".join(scene["colors"])
+    return rng.choice((f"A photograph of {what}.", f"This is a photo of {what}.",
+                       f"A real photograph showing {what}, mostly {colors}.",
+                       f"A photo of {what}; its main colours are {colors}."))
+
+
 def caption(scene: dict[str, Any], rng: random.Random) -> str:
     """One caption in one of several phrasings (sizes, places and background mentioned at random)."""
+    if scene["kind"] == "photo":
+        return _photo_caption(scene, rng)
     objs, t, bg = scene["objects"], scene.get("text"), scene["background"]
     if len(objs) == 1:
         o = objs[0]
@@ -627,8 +703,25 @@ def describe_qa(scene: dict, rng: random.Random) -> dict:
     return _qa("describe", q, caption(scene, rng), "")
 
 
+def photo_questions(scene: dict[str, Any], rng: random.Random) -> list[dict]:
+    """What a photo can answer: what it shows, its main colours, and questions about shapes it does not have."""
+    what, colors = scene["content"], " and ".join(scene["colors"])
+    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    absent = rng.choice((f"What colour is the {shape}?", f"How many {SHAPE_PLURALS[shape]} are there?",
+                         f"Where is the {color} {shape}?", f"Which shape is {color}?"))
+    return [
+        _qa("photo", rng.choice(("What is in this image?", "What does this picture show?", "Describe the image.",
+                                 "What do you see?")), _photo_caption(scene, rng), what),
+        _qa("photo_colors", rng.choice(("What are the main colours of this image?", "Which colours do you see?")),
+            f"Mostly {colors}.", colors),
+        _qa("photo_absent", absent, f"I don't see any simple shapes: this is a photograph of {what}.", what),
+    ]
+
+
 def questions(scene: dict[str, Any], rng: random.Random) -> list[dict]:
     """Every question this scene can answer unambiguously (one per type, phrasing drawn with rng)."""
+    if scene["kind"] == "photo":
+        return photo_questions(scene, rng)
     objs = scene["objects"]
     out = []
     only = len(objs) == 1 and not scene.get("text")
@@ -758,7 +851,8 @@ def _human(q: str, first: bool) -> dict:
 
 # How often each question type is picked among those a scene can answer (counting is the hardest skill).
 QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.5, "position": 1.5, "text": 1.5, "size": 0.5,
-                 "location": 0.4, "exists": 0.4, "describe": 0.4}
+                 "location": 0.4, "exists": 0.4, "describe": 0.4, "photo": 1.0, "photo_colors": 0.5,
+                 "photo_absent": 0.7}
 
 
 def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) -> dict[str, Any]:

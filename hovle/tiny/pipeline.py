@@ -4,7 +4,8 @@
     hovle train examples/tiny/stage1_distill.yaml      # Stage I  -> runs/tiny/stage1/final
     hovle train examples/tiny/stage2_align.yaml        # Stage II -> runs/tiny/stage2/final
     hovle train examples/tiny/stage3_sft.yaml          # Stage III (LoRA, merged) -> runs/tiny/stage3/final
-    python -m hovle.tiny.pipeline evaluate --model runs/tiny/stage3/final --data runs/tiny/data/eval.jsonl \
+    python -m hovle.tiny.pipeline ship --model runs/tiny/stage3/final --out runs/tiny/hovle-tiny
+    python -m hovle.tiny.pipeline evaluate --model runs/tiny/hovle-tiny --data runs/tiny/data/eval.jsonl \
         --json runs/tiny/eval.json
 
 `make tiny-model` chains them; every step skips itself when its output exists and `hovle train` resumes
@@ -70,12 +71,66 @@ def prepare(out: str | Path, n_train: int, n_heldout: int, n_eval_per_type: int,
     return report
 
 
-def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | None = None, limit: int | None = None,
-             max_new_tokens: int = 24, threads: int | None = None) -> dict[str, Any]:
-    """Greedy `model.chat` over eval.jsonl rows (first question of each), scored by `score_answer`.
+# Held-out English for the language check: written for this file, never in the training data.
+HELDOUT_TEXT = (
+    "The river starts high in the mountains, where snow melts every spring. It runs through narrow valleys and "
+    "small villages before it reaches the wide plain, where farmers use its water to grow wheat and vegetables.",
+    "Libraries lend books, but they also offer quiet rooms to study, free internet access and reading groups "
+    "for children. Many towns see their library as a meeting place for people of all ages.",
+    "To make a simple tomato sauce, warm some olive oil in a pan, add a chopped onion and cook it slowly until "
+    "it is soft. Then add the tomatoes, a pinch of salt and a little sugar, and let it simmer for twenty minutes.",
+    "Bicycles are one of the most efficient ways to travel. A rider can cover several kilometres in a few "
+    "minutes, and the bicycle needs no fuel, little space and only simple repairs.",
+)
+TEXT_QUESTIONS = ("What is the capital of France?", "Give me two tips for sleeping better.",
+                  "Write a haiku about the sea.", "What is 12 + 7?")
+SANITY_QUESTION = "What is in this image?"
 
-    Prints per-type accuracy; writes {"accuracy": {type: acc}, "overall", "n", "rows": [...]} to json_out.
-    `limit` takes the first `limit` rows of each question type.
+
+def language_report(model, tokenizer, max_new_tokens: int = 48) -> dict[str, Any]:
+    """Perplexity of the whole model on HELDOUT_TEXT (text passes through the embedding module as in chat)
+    and greedy replies to TEXT_QUESTIONS: the check that Stage III kept SmolLM2's language ability."""
+    import math
+
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for text in HELDOUT_TEXT:
+            ids = torch.tensor([tokenizer.encode(text)])
+            logits = model(ids).logits.float()
+            nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+            n += ids.shape[1] - 1
+        replies = {q: model.chat(tokenizer, None, q, dict(max_new_tokens=max_new_tokens, do_sample=False))
+                   for q in TEXT_QUESTIONS}
+    return {"perplexity": math.exp(nll / n), "tokens": n, "replies": replies}
+
+
+def photo_report(model, tokenizer, max_new_tokens: int = 48) -> dict[str, str]:
+    """Greedy replies about the real photos kept out of training (scikit-image's cat and coffee)."""
+    import torch
+
+    from hovle import load_image
+    from hovle.tiny.data import HELD_OUT_PHOTOS, photo_dir
+
+    cfg = model.config
+    out = {}
+    with torch.inference_mode():
+        for name in HELD_OUT_PHOTOS:
+            pixels = load_image(photo_dir() / name, input_size=cfg.tile_size, max_num=cfg.max_dynamic_patch,
+                                use_thumbnail=cfg.use_thumbnail)
+            out[name] = model.chat(tokenizer, pixels, SANITY_QUESTION, dict(max_new_tokens=max_new_tokens, do_sample=False))
+    return out
+
+
+def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | None = None, limit: int | None = None,
+             max_new_tokens: int = 24, threads: int | None = None, baseline: str | Path | None = None) -> dict[str, Any]:
+    """Greedy `model.chat` over eval.jsonl rows (first question of each), scored by `score_answer`, plus the
+    language check (`language_report`, also for `baseline`, e.g. the step-0 model = SmolLM2) and the replies
+    about held-out real photos (`photo_report`).
+
+    Prints per-type accuracy; writes {"accuracy": {type: acc}, "overall", "n", "rows": [...], "language",
+    "baseline_language", "photos"} to json_out. `limit` takes the first `limit` rows of each question type.
     """
     import torch
 
@@ -126,11 +181,85 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
         print(f"{q:10s} {right[q]:4d}/{total[q]:<4d} {accuracy[q]:6.1%}")
     if n:
         print(f"{'overall':10s} {sum(right.values()):4d}/{n:<4d} {report['overall']:6.1%}")
+    report["language"] = language_report(model, tokenizer)
+    print(f"perplexity on held-out text: {report['language']['perplexity']:.2f}")
+    if baseline is not None:
+        base = HoVLE.from_pretrained(baseline, dtype=torch.float32)
+        report["baseline_language"] = language_report(base, load_tokenizer(baseline))
+        print(f"baseline ({baseline}) perplexity: {report['baseline_language']['perplexity']:.2f}")
+    report["photos"] = photo_report(model, tokenizer)
+    for name, reply in report["photos"].items():
+        print(f"{name}: {reply!r}")
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
         _write_json(json_out, report)
         print(f"evaluate: wrote {json_out}")
+    return report
+
+
+def _image_features(model, folder: Path, images: list[str], batch: int = 32):
+    """Mean- and max-pooled image tokens [N, 2C] that the embedding module hands the LLM (one tile per image)."""
+    import torch
+
+    from hovle import load_image
+
+    cfg = model.config
+    ctx = cfg.embedding.img_context_token_id
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            pixels = torch.cat([load_image(folder / p, input_size=cfg.tile_size, max_num=1) for p in images[i:i + batch]])
+            ids = torch.full((len(pixels), cfg.num_image_token), ctx)
+            x = model.embed(ids, pixels.to(model.dtype)).float()  # [n, tokens, C]
+            out.append(torch.cat([x.mean(1), x.amax(1)], -1))
+    return torch.cat(out)
+
+
+def probe(model_dir: str | Path, scenes: str | Path, n: int = 600, seed: int = 0) -> dict[str, float]:
+    """Linear-probe check of what the image tokens carry: held-out accuracy of a logistic regression on pooled
+    image tokens predicting the object's colour and shape (one-object scenes) and the number of objects (1-5,
+    counting and mixed scenes), 3/4 train, 1/4 test. Run it on Stage I's output before spending hours on Stages II and III."""
+    import torch
+
+    from hovle import HoVLE
+
+    scenes = Path(scenes)
+    rows = [json.loads(line) for line in scenes.read_text().splitlines() if line.strip()]
+    tasks = {
+        "color": [(r["image"], r["scene"]["objects"][0]["color"]) for r in rows if r["scene"]["kind"] == "single"],
+        "shape": [(r["image"], r["scene"]["objects"][0]["shape"]) for r in rows if r["scene"]["kind"] == "single"],
+        "count": [(r["image"], len(r["scene"]["objects"])) for r in rows if r["scene"]["kind"] in ("count", "multi")
+                  and len(r["scene"]["objects"]) <= 5],
+    }
+    model = HoVLE.from_pretrained(model_dir)
+    cache: dict[str, torch.Tensor] = {}
+    report = {}
+    for task, pairs in tasks.items():
+        pairs = pairs[:n]
+        todo = [p for p, _ in pairs if p not in cache]
+        if todo:
+            cache.update(zip(todo, _image_features(model, scenes.parent, todo)))
+        x = torch.stack([cache[p] for p, _ in pairs])
+        classes = sorted({y for _, y in pairs})
+        y = torch.tensor([classes.index(lab) for _, lab in pairs])
+        cut = 3 * len(pairs) // 4
+        mu, sd = x[:cut].mean(0), x[:cut].std(0) + 1e-6
+        x = (x - mu) / sd
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x.shape[1], len(classes))
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(x[:cut]), y[:cut]) + 1e-3 * head.weight.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            report[task] = (head(x[cut:]).argmax(1) == y[cut:]).float().mean().item()
+        print(f"probe {task:6s} {report[task]:6.1%}  ({len(pairs) - cut} test, {len(classes)} classes)")
     return report
 
 
@@ -145,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-tiles", type=int, default=2, help="the model's max_dynamic_patch")
     a.add_argument("--embedding-layers", type=int, default=2)
+    s = sub.add_parser("ship", help="write the shipped form (embedding module + low-rank LLM deltas) of a trained model")
+    s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--rank", type=int, default=16, help="rank of the LLM deltas (the Stage III LoRA rank)")
+    r = sub.add_parser("probe", help="linear-probe colour/shape/count from a model's image tokens")
+    r.add_argument("--model", required=True)
+    r.add_argument("--scenes", required=True, help="a {split}_scenes.jsonl (images relative to its folder)")
+    r.add_argument("--n", type=int, default=600, help="images per task")
     e = sub.add_parser("evaluate", help="per-type accuracy of model.chat on eval.jsonl")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True, help="eval.jsonl (images relative to its folder)")
@@ -152,12 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--limit", type=int, help="first N questions of each type")
     e.add_argument("--max-new-tokens", type=int, default=24)
     e.add_argument("--threads", type=int)
+    e.add_argument("--baseline", help="also run the language check on this model (e.g. the step-0 init = SmolLM2)")
     args = p.parse_args(argv)
     if args.command == "prepare":
         prepare(args.out, args.train, args.heldout, args.eval_per_type, args.seed, args.max_tiles,
                 args.embedding_layers)
+    elif args.command == "probe":
+        probe(args.model, args.scenes, args.n)
+    elif args.command == "ship":
+        from hovle.tiny.ship import export
+
+        manifest = export(args.model, args.out, args.rank)
+        print(f"ship: wrote {args.out} ({manifest['bytes'] / 2**20:.1f} MiB, {manifest['llm_deltas']} LLM deltas)")
     else:
-        report = evaluate(args.model, args.data, args.json, args.limit, args.max_new_tokens, args.threads)
+        report = evaluate(args.model, args.data, args.json, args.limit, args.max_new_tokens, args.threads,
+                          args.baseline)
         if not report["n"]:
             print("evaluate: no rows", file=sys.stderr)
             return 1

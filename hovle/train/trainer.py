@@ -16,6 +16,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +36,22 @@ from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, colla
 # ---- what trains in each stage -------------------------------------------------------------------------------
 
 
-def freeze_for_stage(model: HoVLE, stage: str, lora: bool = False) -> None:
-    """Set requires_grad for `stage`: distill/align train the embedding module, sft the whole model, or only
-    the LoRA adapters when `lora`. Weights HoVLE never uses stay frozen (bit-identical) in every stage: the
-    CLS position embedding and the LLM's input table (unless it is tied to the output head)."""
+def freeze_for_stage(model: HoVLE, stage: str, lora_parts: Sequence[str] = (), frozen: Sequence[str] = ()) -> None:
+    """Set requires_grad for `stage`: distill/align train the embedding module, sft the whole model. In the
+    `lora_parts` (model prefixes carrying LoRA adapters) only the adapters train; other parts train as the stage
+    says. Names starting with a `frozen` prefix never train. Weights HoVLE never uses stay frozen (bit-identical)
+    in every stage: the CLS position embedding and the LLM's input table (unless it is tied to the output head)."""
     unused = {"embedding_model.vision_embeddings.class_embedding"}
     if not model.config.llm.tie_word_embeddings:
         unused.add("language_model.tok_embeddings.weight")
     for name, p in model.named_parameters():
-        if lora:
-            p.requires_grad_("lora_" in name)
+        if any(name.startswith(part + ".") for part in lora_parts):
+            train = "lora_" in name
         elif stage == "sft":
-            p.requires_grad_(name not in unused)
+            train = name not in unused
         else:
-            p.requires_grad_(name.startswith("embedding_model.") and name not in unused)
+            train = name.startswith("embedding_model.") and name not in unused
+        p.requires_grad_(train and not any(name.startswith(prefix) for prefix in frozen))
 
 
 def apply_lora(model: HoVLE, cfg) -> nn.Module:
@@ -116,9 +119,11 @@ def token_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
 class StageModule(nn.Module):
     """The model plus stage-specific training parts; forward returns per-term loss *sums* (what DDP wraps)."""
 
-    def __init__(self, model: nn.Module, stage: str, distill_loss: str = "cosine", head: DistillHead | None = None):
+    def __init__(self, model: nn.Module, stage: str, distill_loss: str = "cosine", head: DistillHead | None = None,
+                 standardize_targets: bool = False):
         super().__init__()
         self.model, self.stage, self.distill_loss, self.head = model, stage, distill_loss, head
+        self.standardize_targets = standardize_targets
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         return self._distill(batch) if self.stage == "distill" else self._lm(batch)
@@ -144,7 +149,11 @@ class StageModule(nn.Module):
             ids = torch.full((N, cfg.num_image_token), ctx, device=b["pixel_values"].device)  # one tile per row
             hd = torch.full((N, cfg.num_patch_tokens), ctx, device=ids.device) if m.is_post else None
             x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
-            out["image"] = token_loss(self.head(x), b["teacher_features"], self.distill_loss).sum()
+            target = b["teacher_features"]  # [N, t*t, D]
+            if self.standardize_targets:
+                flat = target.float().flatten(0, 1)
+                target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
+            out["image"] = token_loss(self.head(x), target, self.distill_loss).sum()
         if b["text_ids"] is not None:
             x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
             with torch.no_grad():
@@ -241,10 +250,11 @@ class Trainer:
             self.teacher, head = self._teacher_and_head()
         if cfg.lora.enabled:
             apply_lora(self.model, cfg.lora)
-        freeze_for_stage(self.model, cfg.stage, cfg.lora.enabled)
+        freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, cfg.stage, cfg.distill.loss, head).to(self.device)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill.loss, head,
+                                  cfg.distill.standardize_targets).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
