@@ -19,9 +19,9 @@ EVAL_ARGS ?=
 D := $(TINY)/data
 TRAIN := $(PY) -m hovle.train
 
-.PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-ship tiny-eval tiny-install tiny-clean
+.PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-ship tiny-eval tiny-vlmeval tiny-install tiny-clean
 
-tiny-model: $(TINY)/eval.json
+tiny-model: $(TINY)/eval.json $(TINY)/vlmeval/DONE
 	@$(PY) -c "import json; r = json.load(open('$(TINY)/eval.json')); print('HoVLE-Tiny:', '$(TINY)/hovle-tiny', {k: round(v, 3) for k, v in r['accuracy'].items()})"
 
 tiny-prepare: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
@@ -30,6 +30,7 @@ tiny-stage2: $(TINY)/stage2/DONE
 tiny-stage3: $(TINY)/stage3/DONE
 tiny-ship: $(TINY)/hovle-tiny/hovle_tiny.json
 tiny-eval: $(TINY)/eval.json
+tiny-vlmeval: $(TINY)/vlmeval/DONE
 
 # prepare writes data/DONE.json and init/DONE.json last (and skips a part whose marker exists).
 $(TINY)/data/DONE.json $(TINY)/init/DONE.json &:
@@ -62,6 +63,11 @@ $(TINY)/hovle-tiny/hovle_tiny.json: $(TINY)/stage3/DONE
 $(TINY)/eval.json: $(TINY)/hovle-tiny/hovle_tiny.json
 	$(PY) -m hovle.tiny.pipeline evaluate --model $(TINY)/hovle-tiny --data $(D)/eval.jsonl --json $@ \
 		--baseline $(TINY)/init $(EVAL_ARGS)
+
+# The same eval set as a VLMEvalKit TSV, through `hovle eval` (short-answer VQA prompt and scoring).
+$(TINY)/vlmeval/DONE: $(TINY)/hovle-tiny/hovle_tiny.json
+	$(PY) -m hovle.cli eval --model $(TINY)/hovle-tiny --data $(D)/HoVLE-Tiny_VQA.tsv --out $(TINY)/vlmeval --dtype fp32
+	touch $@
 
 # Make the new model the package's default (`hovle chat` without --model, from_pretrained("hovle-tiny")).
 tiny-install: $(TINY)/eval.json

@@ -102,8 +102,12 @@ def cmd_chat(args) -> None:
 def cmd_info(args) -> None:
     from hovle import HoVLE, HoVLEConfig
     from hovle.config import PRESETS, config_summary
+    from hovle.tiny.ship import shipped_folder
 
-    cfg = HoVLEConfig.from_name(args.model) if args.model in PRESETS else HoVLEConfig.from_json(args.model)
+    if args.model in PRESETS:
+        cfg = HoVLEConfig.from_name(args.model)
+    else:
+        cfg = HoVLEConfig.from_json(shipped_folder(args.model) or args.model)
     with torch.device("meta"):
         n_embed = sum(p.numel() for p in HoVLE(cfg).embedding_model.parameters())
         n_total = HoVLE(cfg).num_parameters()
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="print a checkpoint's config summary and parameter count")
-    i.add_argument("model", help="checkpoint folder, config.json, or a preset name (tiny, hovle-2.6b)")
+    i.add_argument("model", help="checkpoint folder, config.json, hovle-tiny, or a preset name (tiny, hovle-2.6b)")
     i.set_defaults(func=cmd_info)
 
     from hovle.evaluate import add_eval_parser

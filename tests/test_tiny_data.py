@@ -25,7 +25,7 @@ def test_same_seed_same_bytes(tmp_path):
         D.write_split(tmp_path / name, "train", 6, seed=7)
         D.write_eval(tmp_path / name, 1, seed=8)
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
-    assert a == b and len(a) == 6 + 5 + 4
+    assert a == b and len(a) == 6 + 5 + 5  # images, eval images, 3 split files + eval.jsonl + the eval TSV
     D.write_split(tmp_path / "c", "train", 6, seed=9)
     c = _digest(tmp_path / "c")
     assert sum(c[k] != a[k] for k in c if k.startswith("images/")) == 6
@@ -142,6 +142,14 @@ def test_dataset_files(tmp_path):
     heldout = (tmp_path / "heldout_sft.jsonl").read_text().splitlines()
     assert not set(train) & set(heldout)
     assert (tmp_path / "images/train/000000.png").read_bytes() != (tmp_path / "images/heldout/000000.png").read_bytes()
+    # the eval set again as a VLMEvalKit TSV, which `hovle eval` reads and scores as short-answer VQA
+    from hovle.evaluate.runner import prepare
+
+    spec, table = prepare(Path(info["eval"]["tsv"]), None, None)
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert spec.name == "vqa" and len(table.rows) == len(rows)
+    assert [(r.get("question"), r.get("answer"), r.get("category")) for r in table.rows] == [
+        (r["meta"]["question"], r["meta"]["expected"], r["meta"]["qtype"]) for r in rows]
 
 
 def test_every_generated_answer_scores_as_correct():

@@ -972,7 +972,33 @@ def write_eval(root: str | Path, n_per_type: int, seed: int, qtypes: Iterable[st
             index += 1
     path = root / f"{split}.jsonl"
     _write_jsonl(path, rows)
-    return {"rows": len(rows), "path": str(path), "per_type": dict(Counter(r["meta"]["qtype"] for r in rows))}
+    tsv = write_eval_tsv(root, rows)
+    return {"rows": len(rows), "path": str(path), "tsv": str(tsv),
+            "per_type": dict(Counter(r["meta"]["qtype"] for r in rows))}
+
+
+EVAL_TSV = "HoVLE-Tiny_VQA.tsv"  # "VQA" in the name: `hovle eval` scores it as short-answer VQA
+
+
+def write_eval_tsv(root: str | Path, rows: list[dict]) -> Path:
+    """The eval rows as a VLMEvalKit TSV (index, base64 image, question, answer, category = question type),
+    for `hovle eval --data root/HoVLE-Tiny_VQA.tsv`. One reference answer per question, so VQA accuracy is
+    exact match after the official normalisation ("Red." = "red", "three" = "3"; synonyms do not count)."""
+    import base64
+    import csv
+
+    root = Path(root)
+    path = root / EVAL_TSV
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["index", "image", "question", "answer", "category"])
+        for i, r in enumerate(rows):
+            meta = r["meta"]
+            w.writerow([i, base64.b64encode((root / r["image"]).read_bytes()).decode(), meta["question"],
+                        meta["expected"], meta["qtype"]])
+    os.replace(tmp, path)
+    return path
 
 
 def write_dataset(root: str | Path, n_train: int, n_heldout: int, n_eval_per_type: int, seed: int = 0,
