@@ -66,11 +66,13 @@ $(TINY)/eval.json: $(TINY)/hovle-tiny/hovle_tiny.json
 
 # The same eval set as a VLMEvalKit TSV, through `hovle eval` (short-answer VQA prompt and scoring).
 $(TINY)/vlmeval/DONE: $(TINY)/hovle-tiny/hovle_tiny.json
-	$(PY) -m hovle.cli eval --model $(TINY)/hovle-tiny --data $(D)/HoVLE-Tiny_VQA.tsv --out $(TINY)/vlmeval --dtype fp32
+	$(PY) -m hovle.cli eval --model $(TINY)/hovle-tiny --data $(D)/HoVLE-Tiny_VQA.tsv --out $(TINY)/vlmeval --dtype fp32 \
+		--max-tiles $(TINY_TILES)
 	touch $@
 
 # Make the new model the package's default (`hovle chat` without --model, from_pretrained("hovle-tiny")).
 tiny-install: $(TINY)/eval.json
+	mkdir -p hovle/tiny/hovle-tiny
 	cp $(TINY)/hovle-tiny/config.json $(TINY)/hovle-tiny/hovle_tiny.json $(TINY)/hovle-tiny/weights.safetensors \
 		hovle/tiny/hovle-tiny/
 

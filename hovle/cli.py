@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MODEL = "hovle-tiny"  # the embedded default model (docs/hovle-tiny.md)
+DEFAULT_MODEL = "hovle-tiny"  # the embedded default model, once `make tiny-install` has put it in the package
 MODEL_HELP = "checkpoint folder (official HoVLE / HoVLE-HD layout), or hovle-tiny (default)"
 
 
@@ -28,9 +28,13 @@ def _device(name: str) -> str:
 
 def _load(args):
     from hovle import HoVLE, load_tokenizer
-    from hovle.tiny.ship import shipped_folder
+    from hovle.tiny.ship import MANIFEST, shipped_folder
 
-    path = shipped_folder(args.model) or Path(args.model)
+    shipped = shipped_folder(args.model)
+    if shipped is not None and not (shipped / MANIFEST).is_file():
+        raise UsageError(f"--model {args.model}: HoVLE-Tiny's trained weights are not in this install; build them "
+                         "with `make tiny-model && make tiny-install` (docs/hovle-tiny.md), or pass --model CHECKPOINT")
+    path = shipped or Path(args.model)
     if not path.is_dir():
         raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json, "
                          f"or {DEFAULT_MODEL})")

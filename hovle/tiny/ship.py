@@ -1,6 +1,7 @@
 """HoVLE-Tiny as shipped: only what training changed on top of SmolLM2-135M-Instruct.
 
-A shipped folder (the package's `hovle/tiny/hovle-tiny/`, or one written by `export`) holds
+A shipped folder (one written by `export`, e.g. runs/tiny/hovle-tiny; `make tiny-install` copies it into the
+package as `hovle/tiny/hovle-tiny/`, the default model) holds
     config.json          the HoVLE config (SmolLM2 LLM, "smollm2-chatml" template, tiling)
     hovle_tiny.json      manifest: format version, the base GGUF it applies to, LoRA rank, a summary
     weights.safetensors  the embedding module (less its copy of SmolLM2's text table, which training keeps
@@ -45,7 +46,8 @@ def shipped_folder(name_or_path: str | Path) -> Path | None:
 def _manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST} (the HoVLE-Tiny weights are missing from this install)")
+        raise FileNotFoundError(f"{folder}: no {MANIFEST}: HoVLE-Tiny's trained weights are not there (build them with "
+                                "`make tiny-model && make tiny-install`, docs/hovle-tiny.md)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {manifest.get('format')!r}, this hovle reads format {FORMAT}")
