@@ -46,7 +46,7 @@ $(TINY)/stage1/DONE: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
 
 $(TINY)/stage2/DONE: $(TINY)/stage1/DONE
 	$(TRAIN) examples/tiny/stage2_align.yaml model.init=$(TINY)/stage1/final train.out_dir=$(TINY)/stage2 \
-		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}]' \
+		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}, {path: $(D)/train_text.jsonl, format: conversation, repeat: 4}]' \
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S2_ARGS)
 	touch $@
 

@@ -25,7 +25,7 @@ def test_same_seed_same_bytes(tmp_path):
         D.write_split(tmp_path / name, "train", 6, seed=7)
         D.write_eval(tmp_path / name, 1, seed=8)
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
-    assert a == b and len(a) == 6 + 5 + 5  # images, eval images, 3 split files + eval.jsonl + the eval TSV
+    assert a == b and len(a) == 6 + 5 + 6  # images, eval images, 4 split files + eval.jsonl + the eval TSV
     D.write_split(tmp_path / "c", "train", 6, seed=9)
     c = _digest(tmp_path / "c")
     assert sum(c[k] != a[k] for k in c if k.startswith("images/")) == 6
@@ -122,7 +122,7 @@ def test_dataset_files(tmp_path):
     info = D.write_dataset(tmp_path, n_train=12, n_heldout=4, n_eval_per_type=5, seed=0)
     assert info["eval"]["per_type"] == {q: 5 for q in D.EVAL_QTYPES}
     assert info["train"]["text_only"] >= 1
-    for name in ("train_sft", "train_caption", "train_scenes", "heldout_sft", "heldout_caption", "eval"):
+    for name in ("train_sft", "train_caption", "train_scenes", "train_text", "heldout_sft", "heldout_caption", "eval"):
         rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
         assert rows
         for row in rows:
@@ -141,6 +141,7 @@ def test_dataset_files(tmp_path):
     train = (tmp_path / "train_sft.jsonl").read_text().splitlines()
     heldout = (tmp_path / "heldout_sft.jsonl").read_text().splitlines()
     assert not set(train) & set(heldout)
+    assert (tmp_path / "train_text.jsonl").read_text().splitlines() == [r for r in train if '"image"' not in r]
     assert (tmp_path / "images/train/000000.png").read_bytes() != (tmp_path / "images/heldout/000000.png").read_bytes()
     # the eval set again as a VLMEvalKit TSV, which `hovle eval` reads and scores as short-answer VQA
     from hovle.evaluate.runner import prepare

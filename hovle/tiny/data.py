@@ -13,6 +13,7 @@ Layout written by `write_dataset(root, ...)` (image paths are relative to `root`
                                 text-only samples have no "image"
     root/{split}_caption.jsonl  {"image": ..., "caption": ...}
     root/{split}_scenes.jsonl   {"image": ..., "scene": {...}} (ground truth for analysis)
+    root/{split}_text.jsonl     the text-only chats of {split}_sft.jsonl (mixed into Stage II)
     root/eval.jsonl             one question per image, "meta": {"qtype", "question", "expected", "accepted"}
 """
 
@@ -895,7 +896,8 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 def write_split(root: str | Path, split: str, n_images: int, seed: int, text_samples: Iterable[tuple[str, str]] | None = None,
                 text_fraction: float = 0.1, multi_turn_fraction: float = 0.3) -> dict[str, Any]:
-    """Render `n_images` scenes and write `{split}_sft.jsonl`, `{split}_caption.jsonl`, `{split}_scenes.jsonl`.
+    """Render `n_images` scenes and write `{split}_sft.jsonl`, `{split}_caption.jsonl`, `{split}_scenes.jsonl`
+    and `{split}_text.jsonl` (the SFT file's text-only chats alone).
 
     The SFT file gets one conversation per image (multi-turn with probability `multi_turn_fraction`) plus
     about `text_fraction` text-only chats (cycled from `text_samples`, default the hand-written TEXT_CHAT),
@@ -917,10 +919,11 @@ def write_split(root: str | Path, split: str, n_images: int, seed: int, text_sam
         while t_done < (i + 1) * n_text // n_images:  # spread the text-only chats evenly
             sft.append(text_sample(texts[(seed + t_done) % len(texts)]))
             t_done += 1
-    paths = {k: root / f"{split}_{k}.jsonl" for k in ("sft", "caption", "scenes")}
+    paths = {k: root / f"{split}_{k}.jsonl" for k in ("sft", "caption", "scenes", "text")}
     _write_jsonl(paths["sft"], sft)
     _write_jsonl(paths["caption"], caps)
     _write_jsonl(paths["scenes"], scenes)
+    _write_jsonl(paths["text"], (row for row in sft if "image" not in row))  # Stage II's text anchor
     return {"images": n_images, "text_only": n_text, "sft_rows": len(sft), **{k: str(p) for k, p in paths.items()}}
 
 
