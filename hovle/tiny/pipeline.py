@@ -237,6 +237,9 @@ def probe(model_dir: str | Path, scenes: str | Path, n: int = 600, seed: int = 0
     report = {}
     for task, pairs in tasks.items():
         pairs = pairs[:n]
+        if len(pairs) < 8 or len({y for _, y in pairs}) < 2:
+            print(f"probe {task:6s} skipped: {len(pairs)} images")
+            continue
         todo = [p for p, _ in pairs if p not in cache]
         if todo:
             cache.update(zip(todo, _image_features(model, scenes.parent, todo)))
