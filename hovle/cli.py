@@ -28,14 +28,11 @@ def _device(name: str) -> str:
 
 def _load(args):
     from hovle import HoVLE, load_tokenizer
-    from hovle.tiny.ship import MANIFEST, shipped_folder
+    from hovle.tiny.ship import shipped_folder
 
-    shipped = shipped_folder(args.model)
-    if shipped is not None and not (shipped / MANIFEST).is_file():
-        raise UsageError(f"--model {args.model}: HoVLE-Tiny's trained weights are not in this install; build them "
-                         "with `make tiny-model && make tiny-install` (docs/hovle-tiny.md), or pass --model CHECKPOINT")
-    path = shipped or Path(args.model)
-    if not path.is_dir():
+    # a shipped name goes to the loaders as is: they say what is missing when its weights are not there
+    path = args.model
+    if shipped_folder(path) is None and not Path(path).is_dir():
         raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json, "
                          f"or {DEFAULT_MODEL})")
     tokenizer = load_tokenizer(path)  # first: it fails fast, the weights take a while

@@ -47,7 +47,7 @@ def _manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST}: HoVLE-Tiny's trained weights are not there (build them with "
-                                "`make tiny-model && make tiny-install`, docs/hovle-tiny.md)")
+                                "`make tiny-model && make tiny-install`, docs/hovle-tiny.md), or use another checkpoint (--model)")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{path}: format {manifest.get('format')!r}, this hovle reads format {FORMAT}")
