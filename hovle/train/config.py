@@ -139,11 +139,16 @@ class DistillConfig:
     # features share a large common component (on HoVLE-Tiny's data, DINOv2's mean patch feature alone scores
     # cosine 0.88), so raw targets teach little beyond it.
     standardize_targets: bool = False
+    # Weight of a term that holds each image token's RMS at the LLM's mean text-embedding RMS (squared log
+    # ratio). The cosine loss leaves the tokens' scale free and Adam lets it drift: HoVLE-Tiny's grew from
+    # 2.9 to ~290, 100x its text, so the LLM saw near-constant image tokens and Stages II/III learned nothing.
+    image_rms_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
         _check(self.image_weight >= 0 and self.text_weight >= 0, "distill.image_weight and text_weight must be >= 0")
         _check(self.image_weight + self.text_weight > 0, "distill.image_weight and text_weight are both 0")
+        _check(self.image_rms_weight >= 0, f"distill.image_rms_weight must be >= 0, got {self.image_rms_weight}")
 
 
 @dataclass

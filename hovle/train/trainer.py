@@ -87,19 +87,25 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 class DistillHead(nn.Module):
-    """Training-only student head: width C -> teacher width D, and the student's token grid resized to the
-    teacher's (bilinear). Not part of the saved model."""
+    """Training-only student head: the student's g x g tokens of width C -> the teacher's t x t grid of width D.
+    When t = r * g, each token predicts its own r x r teacher patches (a linear map to r*r*D, then
+    depth-to-space: the inverse of the pixel shuffle that made the token); a bilinear resize of the grid would
+    give the r*r patches of a token one blurred prediction. Other grids are resized. Not part of the saved model."""
 
-    def __init__(self, width: int, dim: int, teacher_grid: int):
+    def __init__(self, width: int, dim: int, student_grid: int, teacher_grid: int):
         super().__init__()
-        self.proj = nn.Linear(width, dim) if width != dim else nn.Identity()
-        self.grid = teacher_grid
+        self.r = teacher_grid // student_grid if teacher_grid % student_grid == 0 else 1
+        self.dim, self.grid = dim, teacher_grid
+        out = self.r * self.r * dim
+        self.proj = nn.Linear(width, out) if width != out else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, g*g, C] -> [N, t*t, D]."""
         x = self.proj(x)
-        N, L, D = x.shape
-        g = math.isqrt(L)
+        N, L, _ = x.shape
+        g, r, D = math.isqrt(L), self.r, self.dim
+        if r > 1:  # [N, g, g, r, r, D] -> rows (g, r), columns (g, r)
+            return x.reshape(N, g, g, r, r, D).permute(0, 1, 3, 2, 4, 5).reshape(N, g * r * g * r, D)
         if g != self.grid:
             x = x.transpose(1, 2).reshape(N, D, g, g)
             x = F.interpolate(x.float(), size=(self.grid, self.grid), mode="bilinear", align_corners=False,
@@ -119,11 +125,12 @@ def token_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
 class StageModule(nn.Module):
     """The model plus stage-specific training parts; forward returns per-term loss *sums* (what DDP wraps)."""
 
-    def __init__(self, model: nn.Module, stage: str, distill_loss: str = "cosine", head: DistillHead | None = None,
-                 standardize_targets: bool = False):
+    def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None, head: DistillHead | None = None):
         super().__init__()
-        self.model, self.stage, self.distill_loss, self.head = model, stage, distill_loss, head
-        self.standardize_targets = standardize_targets
+        self.model, self.stage, self.head = model, stage, head
+        self.distill = distill or DistillConfig()
+        with torch.no_grad():  # the scale the LLM reads its own inputs at
+            self.text_rms = float(model.language_model.tok_embeddings.weight.float().pow(2).mean(-1).sqrt().mean())
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         return self._distill(batch) if self.stage == "distill" else self._lm(batch)
@@ -150,15 +157,20 @@ class StageModule(nn.Module):
             hd = torch.full((N, cfg.num_patch_tokens), ctx, device=ids.device) if m.is_post else None
             x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
             target = b["teacher_features"]  # [N, t*t, D]
-            if self.standardize_targets:
+            if self.distill.standardize_targets:
                 flat = target.float().flatten(0, 1)
                 target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
-            out["image"] = token_loss(self.head(x), target, self.distill_loss).sum()
+            per_token = token_loss(self.head(x), target, self.distill.loss)  # [N, t*t]
+            out["image"] = per_token.sum()
+            if self.distill.image_rms_weight:
+                log_ratio = torch.log(x.float().pow(2).mean(-1).sqrt() / self.text_rms)  # [N, n]
+                # averaged per tile, then counted like the tile's t*t targets
+                out["image"] = out["image"] + self.distill.image_rms_weight * log_ratio.pow(2).mean(1).sum() * per_token.shape[1]
         if b["text_ids"] is not None:
             x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
             with torch.no_grad():
                 target = m.language_model.tok_embeddings(b["text_ids"])  # frozen LLM input table
-            per_token = token_loss(x, target, self.distill_loss)  # [B, T]
+            per_token = token_loss(x, target, self.distill.loss)  # [B, T]
             out["text"] = (per_token * b["text_mask"]).sum()
         return out
 
@@ -253,8 +265,7 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, cfg.stage, cfg.distill.loss, head,
-                                  cfg.distill.standardize_targets).to(self.device)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill, head).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -281,7 +292,7 @@ class Trainer:
         grid = math.isqrt(tokens)
         if grid * grid != tokens:
             raise ConfigError(f"distill.teacher gives {tokens} tokens per image, not a square grid")
-        head = DistillHead(self.model.config.llm.hidden_size, teacher.dim, grid)
+        head = DistillHead(self.model.config.llm.hidden_size, teacher.dim, math.isqrt(self.model.config.num_image_token), grid)
         with torch.no_grad():  # seeded like the rest of the run, independent of the teacher's init
             gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
             for p in head.parameters():
