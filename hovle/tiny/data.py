@@ -857,9 +857,10 @@ QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.5, "position": 1.5, "tex
 
 
 def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) -> dict[str, Any]:
-    """A conversation about one image: one QA turn, or 2-3 turns of different question types."""
+    """A conversation about one image: one QA turn, or 3-5 turns of different question types (the image tokens,
+    most of a sample's compute, are paid once for all of them)."""
     pool = questions(scene, rng)
-    k = min(len(pool), rng.choice((2, 3))) if multi_turn else 1
+    k = min(len(pool), rng.choice((3, 4, 5))) if multi_turn else 1
     qas = []
     for _ in range(k):  # weighted draws without replacement
         qa = rng.choices(pool, weights=[QTYPE_WEIGHTS.get(q["qtype"], 1.0) for q in pool])[0]
@@ -895,7 +896,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 def write_split(root: str | Path, split: str, n_images: int, seed: int, text_samples: Iterable[tuple[str, str]] | None = None,
-                text_fraction: float = 0.1, multi_turn_fraction: float = 0.3) -> dict[str, Any]:
+                text_fraction: float = 0.1, multi_turn_fraction: float = 0.8) -> dict[str, Any]:
     """Render `n_images` scenes and write `{split}_sft.jsonl`, `{split}_caption.jsonl`, `{split}_scenes.jsonl`
     and `{split}_text.jsonl` (the SFT file's text-only chats alone).
 

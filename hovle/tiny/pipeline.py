@@ -33,7 +33,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def prepare(out: str | Path, n_train: int, n_heldout: int, n_eval_per_type: int, seed: int = 0,
-            max_tiles: int = 2, embedding_layers: int = 2, cache_dir: str | Path | None = None) -> dict[str, Any]:
+            max_tiles: int = 2, embedding_layers: int = 3, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the data splits to `out/data` and the step-0 HoVLE-Tiny (weights + tokenizer) to `out/init`.
 
     Each part is skipped when its DONE.json marker exists (written last, so an interrupted prepare redoes
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--eval-per-type", type=int, default=50, help="eval questions per type (eval.jsonl)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-tiles", type=int, default=2, help="the model's max_dynamic_patch")
-    a.add_argument("--embedding-layers", type=int, default=2)
+    a.add_argument("--embedding-layers", type=int, default=3)
     s = sub.add_parser("ship", help="write the shipped form (embedding module + low-rank LLM deltas) of a trained model")
     s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
     s.add_argument("--out", required=True)

@@ -306,7 +306,7 @@ def load_smollm2_tokenizer(cache_dir: str | Path | None = None, use_cache: bool 
 # ---- HoVLE-Tiny -----------------------------------------------------------------------------------------
 
 
-def tiny_config(embedding_layers: int = 2, image_size: int = 224, max_dynamic_patch: int = 6,
+def tiny_config(embedding_layers: int = 3, image_size: int = 224, max_dynamic_patch: int = 6,
                 llm: LLMConfig = SMOLLM2_135M) -> HoVLEConfig:
     """HoVLE-Tiny: SmolLM2-135M plus an embedding module of the same width (576, 9/3 heads, MLP 1536).
 

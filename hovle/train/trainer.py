@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hovle.config import ConfigError
 from hovle.model import DecoderLayer, HoVLE
-from hovle.train.config import TrainConfig
+from hovle.train.config import DistillConfig, TrainConfig
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm
 
 # ---- what trains in each stage -------------------------------------------------------------------------------
