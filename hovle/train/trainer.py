@@ -129,8 +129,10 @@ class StageModule(nn.Module):
         super().__init__()
         self.model, self.stage, self.head = model, stage, head
         self.distill = distill or DistillConfig()
-        with torch.no_grad():  # the scale the LLM reads its own inputs at
-            self.text_rms = float(model.language_model.tok_embeddings.weight.float().pow(2).mean(-1).sqrt().mean())
+        self.text_rms = None  # the scale the LLM reads its own inputs at: only Stage I's image_rms term needs it
+        if stage == "distill" and self.distill.image_rms_weight:
+            with torch.no_grad():
+                self.text_rms = float(model.language_model.tok_embeddings.weight.float().pow(2).mean(-1).sqrt().mean())
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         return self._distill(batch) if self.stage == "distill" else self._lm(batch)
