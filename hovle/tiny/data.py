@@ -55,7 +55,9 @@ SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "star": ("star",), "hexagon": ("hexagon", "hexagonal"), "pentagon": ("pentagon", "pentagonal"),
     "diamond": ("diamond", "rhombus"),
 }
-SIZES = {"small": (0.045, 0.065), "medium": (0.08, 0.105), "large": (0.13, 0.17)}  # radius / min(W, H)
+# radius / min(W, H). At 224 px a model token covers 28 px: a small shape spans ~1.5 tokens, so its outline
+# is visible to the model (radius 10 px, one token, left shape at chance in HoVLE-Tiny run 2).
+SIZES = {"small": (0.07, 0.09), "medium": (0.105, 0.13), "large": (0.155, 0.19)}
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("medium-sized", "mid-sized"), "large": ("large", "big")}
 RELATIONS = ("left", "right", "above", "below")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")

@@ -134,21 +134,35 @@ class DistillConfig:
     teacher_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
     loss: str = "cosine"  # "cosine" (1 - cos) or "mse"
     image_weight: float = 1.0
-    text_weight: float = 1.0
     # Standardise the teacher's features per channel over the batch's image tokens before the loss. Patch
     # features share a large common component (on HoVLE-Tiny's data, DINOv2's mean patch feature alone scores
     # cosine 0.88), so raw targets teach little beyond it.
     standardize_targets: bool = False
-    # Weight of a term that holds each image token's RMS at the LLM's mean text-embedding RMS (squared log
-    # ratio). The cosine loss leaves the tokens' scale free and Adam lets it drift: HoVLE-Tiny's grew to ~290,
-    # 100x its text embeddings (2.9), so the LLM saw near-constant image tokens and Stages II/III learned nothing.
-    image_rms_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
-        _check(self.image_weight >= 0 and self.text_weight >= 0, "distill.image_weight and text_weight must be >= 0")
-        _check(self.image_weight + self.text_weight > 0, "distill.image_weight and text_weight are both 0")
-        _check(self.image_rms_weight >= 0, f"distill.image_rms_weight must be >= 0, got {self.image_rms_weight}")
+        _check(self.image_weight >= 0, f"distill.image_weight must be >= 0, got {self.image_weight}")
+
+
+@dataclass
+class AnchorConfig:
+    """Terms, in any stage, that keep the embedding module's outputs where the frozen LLM reads its inputs.
+
+    text_weight: relative squared error ||x - e||^2 / ||e||^2 of each text token's output x against the LLM's
+    own input embedding e (Stage I: the text distillation itself). Direction and scale both count: HoVLE-Tiny
+    run 2 (cosine text loss, no anchor after Stage I) sent its text outputs to 1.6x, then 3.9x, the table's
+    norm and SmolLM2's perplexity on held-out prose from 31 to 1,100.
+    image_rms_weight: squared log ratio of each image token's RMS to the LLM's mean text-embedding RMS. The
+    cosine distill loss leaves that scale free and Adam lets it drift: run 1's image tokens grew to 100x its
+    text embeddings, so the LLM saw near-constant image tokens and learned nothing from them.
+    """
+
+    text_weight: float = 0.0
+    image_rms_weight: float = 0.0
+
+    def __post_init__(self):
+        _check(self.text_weight >= 0, f"anchor.text_weight must be >= 0, got {self.text_weight}")
+        _check(self.image_rms_weight >= 0, f"anchor.image_rms_weight must be >= 0, got {self.image_rms_weight}")
 
 
 @dataclass
@@ -187,12 +201,15 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     device: str = "cpu"
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        _check(self.stage != "distill" or self.distill.image_weight + self.anchor.text_weight > 0,
+               "stage distill learns nothing: distill.image_weight and anchor.text_weight are both 0")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
                "lora.enabled works with distributed.strategy ddp, not fsdp")
