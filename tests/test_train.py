@@ -157,6 +157,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.load(f, ["lora.enabled=true"])
     with pytest.raises(ConfigError, match="not key=value"):
         TrainConfig.load(f, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="data.pad_to_multiple must be >= 1"):
+        TrainConfig.load(f, ["data.pad_to_multiple=0"])
     with pytest.raises(ConfigError, match="anchor.image_rms_weight must be >= 0"):
         TrainConfig.load(f, ["anchor.image_rms_weight=-1"])
     with pytest.raises(ConfigError, match="stage distill learns nothing"):
@@ -261,15 +263,20 @@ def test_eval_split_is_held_out_before_repeats(tmp_path, base, data):
     assert not {id(r) for r in train_stream.records} & {id(r) for r in eval_stream.records}
 
 
-def test_right_padding_matches_unpadded(tmp_path, base, data, tok):
-    """A right-padded batch gives each sample the same logits as running it alone."""
+@pytest.mark.parametrize("multiple", [1, 64])
+def test_right_padding_matches_unpadded(tmp_path, base, data, tok, multiple):
+    """A right-padded batch (also to a multiple of 64: data.pad_to_multiple) gives each sample the same
+    logits as running it alone."""
     cfg = config(tmp_path, base, data)
     for loc in ("pre", "post"):
         model = HoVLE.from_pretrained(base[loc])
         enc = Encoder(model.config, tok, cfg.data, "sft")
         recs = read_source(cfg.data.sources[0], cfg.data.caption_prompt)
         exs = [enc(recs[i]) for i in (0, 3, 2)]
-        b = collate_lm(exs, tok.pad_token_id)
+        b = collate_lm(exs, tok.pad_token_id, multiple)
+        longest = max(len(e.input_ids) for e in exs)
+        assert b["input_ids"].shape[1] == (longest if multiple == 1 else -(-longest // 64) * 64)
+        assert b["labels"].shape == b["input_ids"].shape
         with torch.no_grad():
             out = model(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"]).logits
             for i, e in enumerate(exs):

@@ -483,9 +483,10 @@ class Loader:
 # ---- collation --------------------------------------------------------------------------------------------
 
 
-def _pad_right(rows: list[Tensor], value: int) -> tuple[Tensor, Tensor]:
-    """Rows of ids -> [B, T] right-padded with `value`, and the mask [B, T] (1 = real token)."""
-    T = max(len(r) for r in rows)
+def _pad_right(rows: list[Tensor], value: int, multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Rows of ids -> [B, T] right-padded with `value` (T rounded up to `multiple`), and the mask [B, T]
+    (1 = real token)."""
+    T = -(-max(len(r) for r in rows) // multiple) * multiple
     out = torch.full((len(rows), T), value, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -494,15 +495,16 @@ def _pad_right(rows: list[Tensor], value: int) -> tuple[Tensor, Tensor]:
     return out, mask
 
 
-def collate_lm(examples: list[Example], pad_id: int) -> dict[str, Tensor | None]:
-    """Right padding; pads are masked in attention and ignored in the loss."""
-    ids, mask = _pad_right([e.input_ids for e in examples], pad_id)
-    labels, _ = _pad_right([e.labels for e in examples], IGNORE_INDEX)
+def collate_lm(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, Tensor | None]:
+    """Right padding to a length that is a multiple of `multiple` (data.pad_to_multiple); pads are masked in
+    attention and ignored in the loss."""
+    ids, mask = _pad_right([e.input_ids for e in examples], pad_id, multiple)
+    labels, _ = _pad_right([e.labels for e in examples], IGNORE_INDEX, multiple)
     pv = [e.pixel_values for e in examples if e.pixel_values is not None]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pv) if pv else None,
              "hd_input_ids": None, "hd_attention_mask": None}
     if examples[0].hd_input_ids is not None:
-        batch["hd_input_ids"], batch["hd_attention_mask"] = _pad_right([e.hd_input_ids for e in examples], pad_id)
+        batch["hd_input_ids"], batch["hd_attention_mask"] = _pad_right([e.hd_input_ids for e in examples], pad_id, multiple)
     return batch
 
 

@@ -344,7 +344,7 @@ class Trainer:
         pad = self.tokenizer.pad_token_id or 0
         mc = self.model.config
         if self.cfg.stage != "distill":
-            batch = collate_lm(examples, pad)
+            batch = collate_lm(examples, pad, self.cfg.data.pad_to_multiple)
             ids, valid = batch["input_ids"], batch["attention_mask"]
             batch["llm_image_tokens"] = int((ids == mc.embedding.img_context_token_id).sum())
         else:
