@@ -520,10 +520,9 @@ def _image_to_text_rms(model: HoVLE) -> float:
     return abs(math.log(img_rms / text_rms))
 
 
-def test_image_rms_weight_pulls_image_tokens_to_the_text_scale(tmp_path, base, data, tok, monkeypatch):
-    """The cosine distill loss leaves the image tokens' scale free; anchor.image_rms_weight pulls it to the
-    LLM's text-embedding RMS. Start from image tokens 4x too large and compare with the weight off."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+def _oversized_image_tokens(tmp_path, base, tok) -> tuple[Path, HoVLE]:
+    """The "pre" base model with its image tokens scaled 4x (the pixel-shuffle projection's output layer),
+    saved as a training init: the start the image_rms anchor tests pull back to the text scale."""
     init = tmp_path / "init"
     model = HoVLE.from_pretrained(base["pre"])
     with torch.no_grad():
@@ -531,6 +530,14 @@ def test_image_rms_weight_pulls_image_tokens_to_the_text_scale(tmp_path, base, d
             p.mul_(4.0)
     model.save_pretrained(init)
     tok.save_pretrained(init)
+    return init, model
+
+
+def test_image_rms_weight_pulls_image_tokens_to_the_text_scale(tmp_path, base, data, tok, monkeypatch):
+    """The cosine distill loss leaves the image tokens' scale free; anchor.image_rms_weight pulls it to the
+    LLM's text-embedding RMS. Start from image tokens 4x too large and compare with the weight off."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    init, model = _oversized_image_tokens(tmp_path, base, tok)
     start = _image_to_text_rms(model)
     end = {}
     for weight in (0.0, 1.0):
@@ -550,13 +557,7 @@ def _text_error(model, ids) -> float:
 def test_anchor_terms_hold_the_llms_input_scale_in_lm_stages(tmp_path, base, data, tok):
     """Stage II with anchor.text_weight and anchor.image_rms_weight: the module's text outputs stay near the
     LLM's embeddings and its image tokens move to the text scale; with both off, neither happens."""
-    init = tmp_path / "init"
-    model = HoVLE.from_pretrained(base["pre"])
-    with torch.no_grad():
-        for p in model.embedding_model.pixel_shuffle_proj[-1].parameters():
-            p.mul_(4.0)
-    model.save_pretrained(init)
-    tok.save_pretrained(init)
+    init, model = _oversized_image_tokens(tmp_path, base, tok)
     ids = torch.tensor([tok.encode("a red circle above a blue square, and some plain words")])
     start = (_text_error(model, ids), _image_to_text_rms(model))
     end = {}
