@@ -194,7 +194,7 @@ class StageModule(nn.Module):
             out["image"] = token_loss(self.head(x), target, self.distill.loss).sum()
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
-        if b["text_ids"] is not None and self.anchor.text_weight:
+        if b["text_ids"] is not None:
             x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
             out["text"] = self._text_anchor(x, b["text_ids"], anchor_text_mask(b["text_ids"], b["text_mask"], m.config))
         return out
@@ -349,6 +349,8 @@ class Trainer:
             batch["llm_image_tokens"] = int((ids == mc.embedding.img_context_token_id).sum())
         else:
             batch = collate_distill(examples, pad)
+            if not self.cfg.anchor.text_weight:  # no text term: the text never runs (nor counts as throughput)
+                batch["text_ids"] = batch["text_mask"] = None
             batch["n_image_tokens"] = mc.num_embedding_image_token
             pv, ids, valid = batch["pixel_values"], batch["text_ids"], batch["text_mask"]
             batch["llm_image_tokens"] = 0 if pv is None else pv.shape[0] * mc.num_image_token
