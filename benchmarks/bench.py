@@ -68,7 +68,7 @@ def matmul_params(model: HoVLE) -> tuple[int, int]:
     per_token = [t for l in layers for t in (*l.parameters(), *l.buffers())]
     per_token += [*model.language_model.output.parameters(), *model.language_model.output.buffers(),
                   model.language_model.norm.weight]
-    n_mult = sum(t.numel() for t in per_token if t.dim() == 2)
+    n_mult = sum(t.numel() for t in per_token if t.dim() >= 2)  # int8 weights may be packed 4-d
     return n_mult, sum(t.numel() * t.element_size() for t in per_token)
 
 

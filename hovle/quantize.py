@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hovle import kernels
+
 
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
@@ -18,18 +20,29 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()  # [out, in]
         # Round the scales to the compute dtype first, so the int8 rounding uses the scale the kernel applies.
         scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(linear.weight.dtype)
-        self.register_buffer("weight", torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        # Where hovle.kernels' int8 GEMV runs, keep the weight in its packed layout only (no second copy).
+        self.packed = kernels.can_pack_int8(q)
+        self.register_buffer("weight", kernels.pack_int8(q) if self.packed else q)
         self.register_buffer("scales", scales)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def int8_weight(self) -> Tensor:
+        """[out, in] int8 (a copy when packed)."""
+        return kernels.unpack_int8(self.weight, self.out_features) if self.packed else self.weight
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed:
+            y = kernels.linear_int8(x, self.weight, self.scales, self.bias, self.out_features)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16):
+        if x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16) and not self.packed:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # fused dequant-GEMV (decode)
         else:  # prefill is compute-bound: dequantize once and use the fast dense matmul
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+            y = F.linear(x2, self.int8_weight().to(x.dtype)) * self.scales
         y = y.view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias
 

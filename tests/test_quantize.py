@@ -31,7 +31,7 @@ def test_int8_linear_matches_dequantized_weights():
     lin = torch.nn.Linear(64, 32, bias=True).to(torch.bfloat16)
     q = Int8Linear(lin)
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    deq = q.weight.float() * q.scales.float()[:, None]
+    deq = q.int8_weight().float() * q.scales.float()[:, None]
     expected = x.float() @ deq.t() + lin.bias.float()
     assert (q(x).float() - expected).abs().max() < 0.05
     assert ((deq - lin.weight.float()).abs() <= q.scales.float()[:, None] / 2 * (1 + 1e-3)).all()  # half a step

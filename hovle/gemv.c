@@ -1,0 +1,154 @@
+/* Matrix-vector kernels for CPU decode: y[m, n] = sum_k x[m, k] * w[n, k], for a few rows x (M = batch).
+ *
+ * Decode reads every weight once per new token, so its speed is how fast weights stream from memory.
+ * PyTorch's int8 GEMV is compute-bound (slower than its bf16 one on this class of CPU) and its bf16 GEMV
+ * pays ~50-100 us per call on small matrices. These kernels read each weight row once for all M rows and
+ * keep four output rows in flight, so the loads of four streams overlap and four accumulators hide the
+ * dot-product latency. Built with `-march=native` for x86 CPUs with AVX512-BF16 and AVX512-VNNI
+ * (Intel Sapphire Rapids and later, AMD Zen 4 and later); hovle/kernels.py falls back to PyTorch elsewhere.
+ *
+ * Layout: w is [N, K] row-major (int8: packed, see gemv_int8), x is [M, K] and y is [M, N], all contiguous;
+ * K % 64 == 0.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
+#error "hovle's CPU kernels need AVX512-BF16 and AVX512-VNNI"
+#endif
+
+#define QBLOCK 64    /* activations are quantized in blocks of 64 (one int8 vector) for the int8 kernel */
+#define PREFETCH 1024 /* bytes ahead in each bf16 weight row */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Store `rows` fp32 dot products as bf16 outputs, with optional per-row scale, offset and bias. */
+static inline void store(uint16_t *y, int64_t rows, const float acc[4], const uint16_t *scale, float offset,
+                         const uint16_t *bias) {
+    for (int r = 0; r < rows; r++) {
+        float v = acc[r] - offset;
+        if (scale) v *= bf16_to_f32(scale[r]);
+        if (bias) v += bf16_to_f32(bias[r]);
+        y[r] = f32_to_bf16(v);
+    }
+}
+
+/* bf16 weights and activations: vdpbf16ps multiplies 32 pairs and accumulates them in fp32. Each row
+ * stream is prefetched PREFETCH bytes ahead (measured: +8-15% over the hardware prefetcher alone). */
+void gemv_bf16(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += 4) {
+        /* Past the last row (N % 4 != 0) the pointers repeat row n; those sums are not stored. */
+        const int64_t rows = N - n < 4 ? N - n : 4;
+        const uint16_t *w0 = w + n * K, *w1 = w0 + (rows > 1) * K, *w2 = w0 + (rows > 2) * 2 * K,
+                       *w3 = w0 + (rows > 3) * 3 * K;
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t *xm = x + m * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < K; k += 32) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k);
+                _mm_prefetch((const char *)(w0 + k + PREFETCH / 2), _MM_HINT_T0); /* 2 bytes per element */
+                _mm_prefetch((const char *)(w1 + k + PREFETCH / 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w2 + k + PREFETCH / 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w3 + k + PREFETCH / 2), _MM_HINT_T0);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + k), xv);
+                a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w2 + k), xv);
+                a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w3 + k), xv);
+            }
+            float acc[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                            _mm512_reduce_add_ps(a3)};
+            store(y + m * N + n, rows, acc, NULL, 0.f, bias ? bias + n : NULL);
+        }
+    }
+}
+
+/* int8 weights (symmetric, bf16 scale per output row) times int8-quantized activations.
+ *
+ * vpdpbusd multiplies unsigned by signed bytes, 64 pairs at a time into 16 int32 lanes. Flipping the
+ * weight's sign bit reads it as w + 128 (unsigned), so sum (w + 128) q = sum w q + 128 sum q, and the
+ * second term, which depends on the activations only, is subtracted once per output. Activations are
+ * quantized per block of 64 (absmax / 127): their error is about that of rounding them to bf16.
+ *
+ * The weight is packed (hovle.kernels.pack_int8) as [N/4, K/64, 4, 64]: the 64-byte chunks of four rows
+ * interleaved, so each thread reads one sequential stream that the prefetcher follows, plus an explicit
+ * prefetch INT8_PREFETCH bytes ahead. Measured on 2 cores: ~28 GB/s against ~21 GB/s for four row streams.
+ */
+#define INT8_PREFETCH 4096
+int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, const uint16_t *x, uint16_t *y,
+              int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = K / QBLOCK;
+    int8_t *xq = aligned_alloc(64, M * K);
+    float *xscale = malloc(sizeof(float) * M * blocks);
+    float *offset = malloc(sizeof(float) * M);
+    if (!xq || !xscale || !offset) {
+        free(xq), free(xscale), free(offset);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        float off = 0.f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint16_t *xb = x + m * K + b * QBLOCK;
+            __m512 v[4]; /* 64 activations as fp32: bf16 bits shifted into the high half */
+            for (int i = 0; i < 4; i++)
+                v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + 16 * i))), 16));
+            __m512 amax = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                        _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
+            float a = _mm512_reduce_max_ps(amax), inv = a > 0.f ? 127.f / a : 0.f;
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) {
+                __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv))); /* round to nearest even */
+                _mm_store_si128((__m128i *)(xq + m * K + b * QBLOCK + 16 * i), _mm512_cvtepi32_epi8(q));
+                sum = _mm512_add_epi32(sum, q);
+            }
+            xscale[m * blocks + b] = a / 127.f;
+            off += a / 127.f * 128.f * (float)_mm512_reduce_add_epi32(sum);
+        }
+        offset[m] = off;
+    }
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += 4) {
+        const int8_t *wn = w + n * K; /* four rows' chunks, interleaved */
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * K;
+            const float *sm = xscale + m * blocks;
+            __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+            for (int64_t b = 0; b < blocks; b++) {
+                const int8_t *wb = wn + 4 * b * QBLOCK;
+                for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(wb + INT8_PREFETCH + 64 * i), _MM_HINT_T0);
+                const __m512i xv = _mm512_load_si512(xm + b * QBLOCK), zero = _mm512_setzero_si512();
+                const __m512 sv = _mm512_set1_ps(sm[b]);
+                __m512i d0 = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512(wb), flip), xv);
+                __m512i d1 = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512(wb + 64), flip), xv);
+                __m512i d2 = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512(wb + 128), flip), xv);
+                __m512i d3 = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512(wb + 192), flip), xv);
+                f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), sv, f0);
+                f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), sv, f1);
+                f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sv, f2);
+                f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d3), sv, f3);
+            }
+            const int64_t rows = N - n < 4 ? N - n : 4; /* the packed tail is zero-padded to four rows */
+            float acc[4] = {_mm512_reduce_add_ps(f0), _mm512_reduce_add_ps(f1), _mm512_reduce_add_ps(f2),
+                            _mm512_reduce_add_ps(f3)};
+            store(y + m * N + n, rows, acc, scale + n, offset[m], bias ? bias + n : NULL);
+        }
+    }
+    free(xq), free(xscale), free(offset);
+    return 0;
+}

@@ -1,0 +1,100 @@
+"""The CPU decode kernels (hovle/gemv.c) against PyTorch: single linears, then whole cached decode steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hovle import HoVLE, HoVLEConfig, kernels
+from hovle.quantize import Int8Linear, quantize_int8
+
+pytestmark = pytest.mark.skipif(kernels.library() is None,
+                                reason="no AVX512-BF16/VNNI CPU or no C compiler: PyTorch's kernels are used")
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("out_features", [4, 7, 130])  # 7 and 130: a partial last block of four rows
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_kernel_matches_fp32_matmul(rows, out_features, bias):
+    g = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, 576, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, 1, 576, generator=g).bfloat16()
+    got = kernels.linear(x, w, b)
+    assert got is not None and got.shape == (rows, 1, out_features) and got.dtype == torch.bfloat16
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert relative_error(got, expected) < 4e-3  # bf16 output rounding is 2e-3 at most
+    assert relative_error(got, expected) < 2 * relative_error(F.linear(x, w, b), expected) + 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_kernel_matches_dequantized_matmul(rows, bias):
+    lin = torch.nn.Linear(1024, 130, bias=bias).bfloat16()
+    q = Int8Linear(lin)
+    x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    assert q.packed and q.weight.shape == (33, 16, 4, 64)  # 130 rows padded to 132
+    plain = torch.round(lin.weight.float() / q.scales.float()[:, None]).clamp(-127, 127)
+    assert torch.equal(q.int8_weight().float(), plain)  # unpack_int8 inverts pack_int8
+    got = kernels.linear_int8(x, q.weight, q.scales, q.bias, 130)
+    assert got is not None and got.shape == (rows, 130)
+    deq = q.int8_weight().float() * q.scales.float()[:, None]
+    expected = F.linear(x.float(), deq, None if lin.bias is None else lin.bias.float())
+    # Activations are quantized in blocks of 64 (absmax / 127): ~0.6% error, about bf16's own rounding.
+    assert relative_error(got, expected) < 1.2e-2
+
+
+def test_kernel_declines_what_it_does_not_cover():
+    w = torch.randn(8, 128).bfloat16()
+    x = torch.randn(1, 128).bfloat16()
+    assert kernels.linear(x.float(), w.float(), None) is None  # fp32
+    assert kernels.linear(torch.randn(1, 96).bfloat16(), torch.randn(8, 96).bfloat16(), None) is None  # K % 64
+    assert kernels.linear(torch.randn(3, 128).bfloat16(), w, None) is None  # more bf16 rows than MAX_ROWS
+    assert kernels.linear(x, w.t().contiguous().t(), None) is None  # not contiguous
+    assert kernels.linear(x, w.requires_grad_(), None) is None  # autograd needs PyTorch's op
+
+
+def test_cached_decode_with_kernels_matches_pytorch(monkeypatch):
+    """Greedy decode of the random tiny bf16 model (width 64: every linear but w2 takes the kernels)."""
+    model = HoVLE.from_config(HoVLEConfig.from_name("tiny"), dtype=torch.bfloat16, seed=0)
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+
+    def decode(model):
+        with torch.inference_mode():
+            cache = model.new_cache(1, 32)
+            logits = [model.step(ids, cache)]
+            for _ in range(6):
+                logits.append(model.step(logits[-1].argmax(-1, keepdim=True), cache))
+        return torch.stack(logits).float()
+
+    fast = decode(model)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    reference = decode(model)
+    assert F.cosine_similarity(fast, reference, dim=-1).min() > 0.999
+    quantize_int8(model)
+    int8_reference = decode(model)
+    monkeypatch.undo()
+    assert F.cosine_similarity(decode(model), int8_reference, dim=-1).min() > 0.999
+
+
+def test_build_failure_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOVLE_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the CPU decode kernels"):
+            assert kernels.library() is None
+        x, w = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+        assert kernels.linear(x, w, None) is None
+        monkeypatch.delenv("CC")
+        kernels.library.cache_clear()
+        assert kernels.library() is not None  # builds into the empty cache dir
+        assert list((tmp_path / "kernels").glob("gemv-*.so"))
+        monkeypatch.setenv("HOVLE_KERNELS", "0")
+        kernels.library.cache_clear()
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
