@@ -43,13 +43,17 @@ def _cpu_flags() -> set[str]:
 
 
 def _build(target: Path) -> None:
-    """Compile gemv.c to `target` atomically (a concurrent process never sees a half-written library)."""
+    """Compile gemv.c to `target` atomically (a concurrent process never sees a half-written library), and
+    remove the builds of older sources (a process still using one keeps its mapped copy)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", str(out)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, target)
+    for old in target.parent.glob("gemv-*.so"):
+        if old != target:
+            old.unlink(missing_ok=True)
 
 
 @functools.cache

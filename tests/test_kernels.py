@@ -43,8 +43,8 @@ def test_int8_kernel_matches_dequantized_matmul(rows, bias):
     assert got is not None and got.shape == (rows, 130)
     deq = q.int8_weight().float() * q.scales.float()[:, None]
     expected = F.linear(x.float(), deq, None if lin.bias is None else lin.bias.float())
-    # Activations are quantized in blocks of 64 (absmax / 127): ~0.6% error, about bf16's own rounding.
-    assert relative_error(got, expected) < 1.2e-2
+    # Activations are quantized in groups of 4 (absmax / 127): ~0.35% error, near a bf16 matmul's ~0.23%.
+    assert relative_error(got, expected) < 5e-3
 
 
 def test_kernel_declines_what_it_does_not_cover():
