@@ -181,6 +181,8 @@ def main(argv=None) -> None:
         ids = build_prompt(model, args.tiles, args.text_tokens)
         pv = torch.randn(args.tiles, 3, model.config.tile_size, model.config.tile_size, generator=torch.Generator().manual_seed(0))
         reference = decode_logits(model, ids.to(device), pv.to(device, dtype))
+        with torch.inference_mode():  # the unquantized decode speed, for a same-run comparison
+            unquantized_tps = decode_run(model, ids.to(device), pv.to(device, dtype), args.new_tokens, device)[1]
         quantize_int8(model)
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -220,6 +222,9 @@ def main(argv=None) -> None:
     row("time to first token", ttft * 1e3, "ms")
     row(f"decode ({args.new_tokens} new tokens)", decode_tps, "tok/s", bandwidth / decode_bytes)
     print(f"{'':34s} ({decode_bytes / 1e9:.2f} GB read per token)")
+    if args.quantize:
+        print(f"{'':34s} {decode_tps / unquantized_tps:.2f}x the {args.dtype} decode measured in this run "
+              f"({unquantized_tps:.2f} tok/s)")
 
     if args.baseline_steps:
         base = recompute_tokens_per_s(model, ids, pv, args.baseline_steps, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -32,6 +33,46 @@ REQUIRED_CPU_FLAGS = {"avx512_bf16", "avx512_vnni"}
 # Most rows (sequences in a decode batch) per call. Measured on 2 cores: past these, PyTorch's bf16 matmul (which
 # reuses each weight load across rows) wins, and int8 beats dequantize-then-matmul up to 16 rows and beyond.
 MAX_ROWS = {torch.bfloat16: 2, torch.int8: 16}
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # Linux
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise, or None off Linux."""
+    if platform.system() != "Linux":
+        return None
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised CPU tensor backed by 2 MB transparent huge pages where the kernel allows them.
+
+    Decode streams gigabytes of weights per token; on 4 kB pages each 4 kB costs a TLB miss and a page
+    walk, which the prefetchers cannot hide. Measured on the int8 GEMV: +20-70% bandwidth on huge pages.
+    Linux hands them out only to regions marked with madvise before first touch, and (in the common
+    "madvise" mode) only then, so the storage is over-allocated by one page, aligned and marked here.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    madvise = _madvise()
+    if nbytes < HUGE_PAGE or madvise is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    start = -storage.data_ptr() % HUGE_PAGE
+    madvise(storage.data_ptr() + start, (storage.numel() - start) // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)
+    return storage[start:start + nbytes].view(dtype).view(shape)
+
+
+def move_to_huge_pages(module: torch.nn.Module) -> None:
+    """Give every large (>= 2 MB) CPU parameter and buffer of an unfilled module huge-page storage."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu" and t.numel() * t.element_size() >= HUGE_PAGE:
+                t.data = empty_on_huge_pages(tuple(t.shape), t.dtype)
 
 
 def _cpu_flags() -> set[str]:
@@ -111,7 +152,8 @@ def pack_int8(weight: Tensor) -> Tensor:
     """[N, K] -> [ceil(N/4), K/64, 4, 64]: each block of four rows with their 64-byte chunks interleaved."""
     N, K = weight.shape
     padded = F.pad(weight, (0, 0, 0, -N % 4))  # zero rows up to a multiple of four
-    return padded.view(-1, 4, K // 64, 64).transpose(1, 2).contiguous()
+    packed = empty_on_huge_pages((padded.shape[0] // 4, K // 64, 4, 64), torch.int8)
+    return packed.copy_(padded.view(-1, 4, K // 64, 64).transpose(1, 2))
 
 
 def unpack_int8(packed: Tensor, out_features: int) -> Tensor:

@@ -546,6 +546,7 @@ def _build(config: HoVLEConfig, dtype: torch.dtype, device: str | torch.device) 
     with torch.device("meta"):
         model = HoVLE(config).to(dtype)  # free on meta: no transient fp32 copy of the weights
     model = model.to_empty(device=device)
+    kernels.move_to_huge_pages(model)  # before the weights are written: decode streams them every token
     if config.llm.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
         model.language_model.output.weight = model.language_model.tok_embeddings.weight
     return model
