@@ -1,5 +1,7 @@
 """The CPU decode kernels (hovle/gemv.c) against PyTorch: single linears, then whole cached decode steps."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,14 +9,15 @@ import torch.nn.functional as F
 from hovle import HoVLE, HoVLEConfig, kernels
 from hovle.quantize import Int8Linear, quantize_int8
 
-pytestmark = pytest.mark.skipif(kernels.library() is None,
-                                reason="no AVX512-BF16/VNNI CPU or no C compiler: PyTorch's kernels are used")
+needs_kernels = pytest.mark.skipif(kernels.library() is None,
+                                   reason="no AVX512-BF16/VNNI CPU or no C compiler: PyTorch's kernels are used")
 
 
 def relative_error(got, expected):
     return ((got.float() - expected).norm() / expected.norm()).item()
 
 
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("out_features", [4, 7, 130])  # 7 and 130: a partial last block of four rows
 @pytest.mark.parametrize("bias", [False, True])
@@ -30,6 +33,7 @@ def test_bf16_kernel_matches_fp32_matmul(rows, out_features, bias):
     assert relative_error(got, expected) < 2 * relative_error(F.linear(x, w, b), expected) + 1e-3
 
 
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_kernel_matches_dequantized_matmul(rows, bias):
@@ -47,6 +51,7 @@ def test_int8_kernel_matches_dequantized_matmul(rows, bias):
     assert relative_error(got, expected) < 5e-3
 
 
+@needs_kernels
 def test_kernel_declines_what_it_does_not_cover():
     w = torch.randn(8, 128).bfloat16()
     x = torch.randn(1, 128).bfloat16()
@@ -57,6 +62,7 @@ def test_kernel_declines_what_it_does_not_cover():
     assert kernels.linear(x, w.requires_grad_(), None) is None  # autograd needs PyTorch's op
 
 
+@needs_kernels
 def test_cached_decode_with_kernels_matches_pytorch(monkeypatch):
     """Greedy decode of the random tiny bf16 model (width 64: every linear but w2 takes the kernels)."""
     model = HoVLE.from_config(HoVLEConfig.from_name("tiny"), dtype=torch.bfloat16, seed=0)
@@ -80,6 +86,7 @@ def test_cached_decode_with_kernels_matches_pytorch(monkeypatch):
     assert F.cosine_similarity(decode(model), int8_reference, dim=-1).min() > 0.999
 
 
+@needs_kernels
 def test_build_failure_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("HOVLE_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
@@ -98,3 +105,15 @@ def test_build_failure_falls_back_to_pytorch_with_a_warning(monkeypatch, tmp_pat
         assert kernels.library() is None
     finally:
         kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="huge pages are a Linux feature")
+def test_large_weights_are_placed_for_huge_pages():
+    t = kernels.empty_on_huge_pages((3, kernels.HUGE_PAGE), torch.bfloat16)
+    assert t.shape == (3, kernels.HUGE_PAGE) and t.is_contiguous() and t.data_ptr() % kernels.HUGE_PAGE == 0
+    t.fill_(1.5)
+    assert t.sum().item() == 1.5 * t.numel()
+    cfg = HoVLEConfig.from_name("tiny").with_llm(vocab_size=16384)  # a 2 MB head (bf16)
+    model = HoVLE.from_config(cfg, dtype=torch.bfloat16)
+    head = model.language_model.output.weight
+    assert head.data_ptr() % kernels.HUGE_PAGE == 0 and head.std().item() == pytest.approx(0.02, rel=0.05)
