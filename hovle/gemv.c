@@ -152,3 +152,21 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, cons
     free(xq), free(xscale), free(offset);
     return 0;
 }
+
+/* Unpack an int8 weight packed for gemv_int8 into bf16 rows [N, K] of the same integers (exact in bf16),
+ * for prefill, which multiplies many rows with the dense bf16 matmul and applies the scales after it. */
+void unpack_int8_bf16(const int8_t *w, uint16_t *out, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += 4) {
+        const int8_t *wn = w + n * K;
+        const int64_t rows = N - n < 4 ? N - n : 4;
+        for (int64_t b = 0; b < K / QBLOCK; b++)
+            for (int64_t r = 0; r < rows; r++)
+                for (int i = 0; i < QBLOCK; i += 32) {
+                    const int8_t *src = wn + 4 * b * QBLOCK + r * QBLOCK + i;
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                    _mm512_storeu_si512(out + (n + r) * K + b * QBLOCK + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                }
+    }
+}

@@ -3,8 +3,9 @@
 Decode reads every weight once per token, so it is bound by memory bandwidth: int8 weights halve the
 bytes read compared with bf16. Scales are per output channel (symmetric, absmax / 127). Decode rows on
 CPUs with hovle.kernels run its VNNI GEMV, which also quantizes the activations, per group of 4 (SmolLM2
-decode logits: cosine 0.999 to bf16 on a random prompt, 0.998 on prose); everywhere else activations stay
-in the model's dtype (PyTorch's fused int8 GEMV for decode rows, dequantize-then-matmul for prefill).
+decode logits: cosine 0.999 to bf16 on a random prompt, 0.998 on prose), and prefill unpacks the weight
+to bf16 chunk by chunk for the dense matmul. Elsewhere activations stay in the model's dtype (PyTorch's
+fused int8 GEMV for decode rows, dequantize-then-matmul for prefill).
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ class Int8Linear(nn.Module):
         return kernels.unpack_int8(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed:
-            y = kernels.linear_int8(x, self.weight, self.scales, self.bias, self.out_features)
-            if y is not None:
-                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16) and not self.packed:
+        y = None
+        if self.packed:  # hovle.kernels: its int8 GEMV for decode rows, else chunked unpack + bf16 matmul
+            y = kernels.linear_int8(x2, self.weight, self.scales, None, self.out_features)
+            if y is None:
+                y = kernels.prefill_int8(x2, self.weight, self.scales, self.out_features)
+        if y is None and x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16) and not self.packed:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # fused dequant-GEMV (decode)
-        else:  # prefill is compute-bound: dequantize once and use the fast dense matmul
+        if y is None:  # prefill is compute-bound: dequantize once and use the fast dense matmul
             y = F.linear(x2, self.int8_weight().to(x.dtype)) * self.scales
         y = y.view(*lead, self.out_features)
         return y if self.bias is None else y + self.bias

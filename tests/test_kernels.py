@@ -117,3 +117,17 @@ def test_large_weights_are_placed_for_huge_pages():
     model = HoVLE.from_config(cfg, dtype=torch.bfloat16)
     head = model.language_model.output.weight
     assert head.data_ptr() % kernels.HUGE_PAGE == 0 and head.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@needs_kernels
+@pytest.mark.parametrize("chunk_rows", [4, 64, 4096])  # several chunks with a partial last one, and one chunk
+def test_int8_prefill_matches_dequantized_matmul(monkeypatch, chunk_rows):
+    monkeypatch.setattr(kernels, "PREFILL_CHUNK_BYTES", chunk_rows * 2 * 1024)
+    lin = torch.nn.Linear(1024, 130, bias=True).bfloat16()
+    q = Int8Linear(lin)
+    x = torch.randn(2, 20, 1024, generator=torch.Generator().manual_seed(chunk_rows)).bfloat16()
+    with torch.no_grad():
+        got = q(x)
+    deq = q.int8_weight().float() * q.scales.float()[:, None]
+    expected = F.linear(x.float(), deq, lin.bias.float())
+    assert got.shape == (2, 20, 130) and relative_error(got, expected) < 4e-3
