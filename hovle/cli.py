@@ -36,7 +36,18 @@ def _load(args):
         raise UsageError(f"--model {args.model}: not a folder (expected a HoVLE checkpoint folder with config.json, "
                          f"or {DEFAULT_MODEL})")
     tokenizer = load_tokenizer(path)  # first: it fails fast, the weights take a while
-    return HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device)), tokenizer
+    model = HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device))
+    if args.quantize == "int8":
+        from hovle.quantize import quantize_int8
+
+        quantize_int8(model)
+    return model, tokenizer
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=["int8"],
+                        help="int8 weights for the decoder linears and the head (half the memory; ~1.6x faster "
+                             "decode on CPUs with AVX512-VNNI, see docs/performance.md)")
 
 
 def _images(model, args):
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tiles", type=int, help="max tiles per image (default: the model's config)")
     c.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights dtype (default bf16)")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_quantize_argument(c)
     c.add_argument("--max-new-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--top-p", type=float, default=1.0)

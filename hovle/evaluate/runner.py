@@ -258,7 +258,7 @@ def cmd_eval(args) -> None:
 
 def add_eval_parser(subparsers) -> None:
     """Register `hovle eval` on an argparse subparsers object (hovle.cli.build_parser calls this)."""
-    from hovle.cli import DEFAULT_MODEL, DTYPES, MODEL_HELP
+    from hovle.cli import DEFAULT_MODEL, DTYPES, MODEL_HELP, add_quantize_argument
 
     e = subparsers.add_parser("eval", help="score a checkpoint on VLMEvalKit TSV benchmarks (MME, POPE, MMBench, ...)")
     e.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -277,4 +277,5 @@ def add_eval_parser(subparsers) -> None:
     e.add_argument("--limit", type=int, help="only the first N rows (smoke tests)")
     e.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights dtype (default bf16)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_quantize_argument(e)
     e.set_defaults(func=cmd_eval)
