@@ -182,11 +182,12 @@ def main(argv=None) -> None:
     n_params = model.num_parameters()
     reference = None
     if args.quantize:
-        ids = build_prompt(model, args.tiles, args.text_tokens)
-        pv = torch.randn(args.tiles, 3, model.config.tile_size, model.config.tile_size, generator=torch.Generator().manual_seed(0))
-        reference = decode_logits(model, ids.to(device), pv.to(device, dtype))
+        ids = build_prompt(model, args.tiles, args.text_tokens).to(device)
+        pv = torch.randn(args.tiles, 3, model.config.tile_size, model.config.tile_size,
+                         generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        reference = decode_logits(model, ids, pv)
         with torch.inference_mode():  # the unquantized decode speed, for a same-run comparison
-            unquantized_tps = decode_run(model, ids.to(device), pv.to(device, dtype), args.new_tokens, device)[1]
+            unquantized_tps = decode_run(model, ids, pv, args.new_tokens, device)[1]
         quantize_int8(model)
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -3,8 +3,7 @@
  * Decode reads every weight once per new token, so its speed is how fast weights stream from memory.
  * PyTorch's int8 GEMV is compute-bound (slower than its bf16 one on this class of CPU) and its bf16 GEMV
  * pays ~50-100 us per call on small matrices. These kernels read each weight row once for all M rows and
- * keep four output rows in flight, so the loads of four streams overlap and four accumulators hide the
- * dot-product latency. Built with `-march=native` for x86 CPUs with AVX512-BF16 and AVX512-VNNI
+ * keep four output rows in flight, so four accumulators hide the dot-product latency. Built with `-march=native` for x86 CPUs with AVX512-BF16 and AVX512-VNNI
  * (Intel Sapphire Rapids and later, AMD Zen 4 and later); hovle/kernels.py falls back to PyTorch elsewhere.
  *
  * Layout: w is [N, K] row-major (int8: packed, see gemv_int8), x is [M, K] and y is [M, N], all contiguous;

@@ -36,13 +36,13 @@ class Int8Linear(nn.Module):
         return kernels.unpack_int8(self.weight, self.out_features) if self.packed else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed:  # hovle.kernels' int8 GEMV for decode rows
+            y = kernels.linear_int8(x, self.weight, self.scales, self.bias, self.out_features)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = None
-        if self.packed:  # hovle.kernels: its int8 GEMV for decode rows, else chunked unpack + bf16 matmul
-            y = kernels.linear_int8(x2, self.weight, self.scales, None, self.out_features)
-            if y is None:
-                y = kernels.prefill_int8(x2, self.weight, self.scales, self.out_features)
+        y = kernels.prefill_int8(x2, self.weight, self.scales, self.out_features) if self.packed else None
         if y is None and x2.shape[0] <= 4 and x.dtype in (torch.bfloat16, torch.float16) and not self.packed:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # fused dequant-GEMV (decode)
         if y is None:  # prefill is compute-bound: dequantize once and use the fast dense matmul
