@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from hovle.weights import CheckpointError
 
     args = build_parser().parse_args(argv)
+    # One line per warning, like the errors: a user has no use for the library line that raised it.
+    warnings.formatwarning = lambda message, *_, **__: f"hovle: warning: {message}\n"
     try:
         args.func(args)
     except (UsageError, FileNotFoundError, ConfigError, CheckpointError, ImageLoadError, ImportError, ValueError) as e:

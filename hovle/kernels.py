@@ -115,8 +115,8 @@ def library() -> ctypes.CDLL | None:
         try:
             _build(path)
         except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", None) or e
-            warnings.warn(f"hovle: could not build the CPU decode kernels ({detail}); using PyTorch's", stacklevel=2)
+            detail = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[0]  # the compiler's first complaint
+            warnings.warn(f"could not build the CPU decode kernels ({detail}); using PyTorch's", stacklevel=2)
             return None
     lib = ctypes.CDLL(str(path))
     ptrs, sizes = [ctypes.c_void_p] * 4, [ctypes.c_int64] * 3

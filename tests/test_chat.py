@@ -1,6 +1,9 @@
 """Chat API end to end: template parity, image expansion, chat/stream/batch agreement, CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +160,16 @@ def test_cli_interactive_session(checkpoint, monkeypatch, capsys):
     r1, h = model.chat(tok, None, "hello", dict(max_new_tokens=4), return_history=True)
     r2 = model.chat(tok, None, "again", dict(max_new_tokens=4), history=h)
     assert capsys.readouterr().out == f"{r1}\n{r2}\n"
+
+
+def test_cli_warnings_are_one_line(checkpoint, tmp_path):
+    from hovle import kernels
+
+    if not kernels.REQUIRED_CPU_FLAGS <= kernels._cpu_flags():
+        pytest.skip("no AVX512-BF16/VNNI CPU: the kernels are never built")
+    env = {**os.environ, "HOVLE_CACHE_DIR": str(tmp_path), "CC": str(tmp_path / "no-such-compiler")}
+    code = f"from hovle.cli import main; raise SystemExit(main(['chat', '--model', {str(checkpoint)!r}, " \
+           f"'--max-new-tokens', '2', 'hi']))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0
+    assert run.stderr.startswith("hovle: warning: could not build the CPU decode kernels") and run.stderr.count("\n") == 1
