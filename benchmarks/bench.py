@@ -150,6 +150,16 @@ def row(name: str, value: float, unit: str, ceiling: float | None = None) -> Non
     print(f"{name:34s} {value:12,.2f} {unit:10s}{frac}")
 
 
+def decode_path(model: HoVLE, device: torch.device) -> str:
+    """Which code runs a CPU decode step: one C call per decoder stack, C GEMVs under PyTorch's other ops, or PyTorch."""
+    if device.type != "cpu" or kernels.library() is None:
+        return "torch"
+    with torch.inference_mode():
+        x = torch.zeros(1, 1, model.config.llm.hidden_size, dtype=model.dtype)
+        fused = kernels.stack_applies(model.language_model.decoder, x, model.new_cache(1, 1).llm)
+    return "hovle fused stack (C)" if fused else "hovle GEMVs (C) + torch"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -191,9 +201,9 @@ def main(argv=None) -> None:
         quantize_int8(model)
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    gemv = "hovle" if device.type == "cpu" and kernels.library() is not None else "torch"
     print(f"device: {name}   torch {torch.__version__}   dtype {args.dtype}   quantize {args.quantize or 'none'}   "
-          f"compile {args.compile}   cuda graph {device.type == 'cuda' and not args.no_cuda_graph}   decode GEMV {gemv}")
+          f"compile {args.compile}   cuda graph {device.type == 'cuda' and not args.no_cuda_graph}   "
+          f"decode {decode_path(model, device)}")
     print(f"model: {args.model or args.random}, {n_params / 1e9:.3f}B parameters, built/loaded in {load_s:.1f} s")
 
     bandwidth = measure_bandwidth(device)

@@ -1,10 +1,12 @@
-/* Matrix-vector kernels for CPU decode: y[m, n] = sum_k x[m, k] * w[n, k], for a few rows x (M = batch).
+/* CPU decode kernels: matrix-vector products y[m, n] = sum_k x[m, k] * w[n, k] for a few rows x (M = batch),
+ * and decode_stack, one new token through a whole decoder stack in one call.
  *
  * Decode reads every weight once per new token, so its speed is how fast weights stream from memory.
  * PyTorch's int8 GEMV is compute-bound (slower than its bf16 one on this class of CPU) and its bf16 GEMV
  * pays ~50-100 us per call on small matrices. These kernels read each weight row once for all M rows and
- * keep four output rows in flight, so four accumulators hide the dot-product latency. Built with `-march=native` for x86 CPUs with AVX512-BF16 and AVX512-VNNI
- * (Intel Sapphire Rapids and later, AMD Zen 4 and later); hovle/kernels.py falls back to PyTorch elsewhere.
+ * keep four output rows in flight, so four accumulators hide the dot-product latency. Built with
+ * `-march=native` for x86 CPUs with AVX512-BF16 and AVX512-VNNI (Intel Sapphire Rapids and later, AMD Zen 4
+ * and later); hovle/kernels.py falls back to PyTorch elsewhere.
  *
  * Layout: w is [N, K] row-major (int8: packed, see gemv_int8), x is [M, K] and y is [M, N], all contiguous;
  * K % 64 == 0.
@@ -12,6 +14,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512VNNI__)
@@ -49,8 +52,11 @@ static inline void store(uint16_t *y, int64_t rows, const float acc[4], const ui
 
 /* bf16 weights and activations: vdpbf16ps multiplies 32 pairs and accumulates them in fp32. Each row
  * stream is prefetched PREFETCH bytes ahead (measured: +8-15% over the hardware prefetcher alone). */
-void gemv_bf16(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K) {
-#pragma omp parallel for schedule(static)
+static void gemv_bf16_shared(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint16_t *y, int64_t M,
+                             int64_t N, int64_t K) {
+    /* Orphaned worksharing: inside decode_stack's parallel region the threads split the rows and meet at
+     * the loop's closing barrier; gemv_bf16 opens a region of its own. */
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n += 4) {
         /* Past the last row (N % 4 != 0) the pointers repeat row n; those sums are not stored. */
         const int64_t rows = N - n < 4 ? N - n : 4;
@@ -77,6 +83,11 @@ void gemv_bf16(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint1
     }
 }
 
+void gemv_bf16(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel
+    gemv_bf16_shared(w, bias, x, y, M, N, K);
+}
+
 /* int8 weights (symmetric, bf16 scale per output row) times int8-quantized activations.
  *
  * vpdpbusd multiplies unsigned by signed bytes, 64 pairs at a time into 16 int32 lanes. Flipping the
@@ -91,16 +102,9 @@ void gemv_bf16(const uint16_t *w, const uint16_t *bias, const uint16_t *x, uint1
  * prefetch INT8_PREFETCH bytes ahead. Measured on 2 cores: ~28 GB/s against ~21 GB/s for four row streams.
  */
 #define INT8_PREFETCH 4096
-int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, const uint16_t *x, uint16_t *y,
-              int64_t M, int64_t N, int64_t K) {
-    const int64_t blocks = K / QBLOCK;
-    int8_t *xq = aligned_alloc(64, M * K);
-    float *xscale = aligned_alloc(64, sizeof(float) * M * K / 4); /* one scale per group of 4 = per int32 lane */
-    float *offset = malloc(sizeof(float) * M);
-    if (!xq || !xscale || !offset) {
-        free(xq), free(xscale), free(offset);
-        return 1;
-    }
+/* Quantize M activation rows [M, K] to int8 per group of 4: xq [M, K], xscale [M, K/4], and offset[m] =
+ * 128 * sum_k scale * q, the term the sign flip adds (see gemv_int8). */
+static void quantize_rows(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *offset) {
     for (int64_t m = 0; m < M; m++) {
         __m512 off = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
@@ -120,8 +124,14 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, cons
         }
         offset[m] = 128.f * _mm512_reduce_add_ps(off);
     }
+}
+
+/* The row loop of gemv_int8 on activations from quantize_rows; orphaned worksharing like gemv_bf16_shared. */
+static void gemv_int8_shared(const int8_t *w, const uint16_t *scale, const uint16_t *bias, const int8_t *xq,
+                             const float *xscale, const float *offset, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+    const int64_t blocks = K / QBLOCK;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n += 4) {
         const int8_t *wn = w + n * K; /* four rows' chunks, interleaved */
         for (int64_t m = 0; m < M; m++) {
@@ -148,6 +158,20 @@ int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, cons
             store(y + m * N + n, rows, acc, scale + n, offset[m], bias ? bias + n : NULL);
         }
     }
+}
+
+int gemv_int8(const int8_t *w, const uint16_t *scale, const uint16_t *bias, const uint16_t *x, uint16_t *y,
+              int64_t M, int64_t N, int64_t K) {
+    int8_t *xq = aligned_alloc(64, M * K);
+    float *xscale = aligned_alloc(64, sizeof(float) * M * K / 4); /* one scale per group of 4 = per int32 lane */
+    float *offset = malloc(sizeof(float) * M);
+    if (!xq || !xscale || !offset) {
+        free(xq), free(xscale), free(offset);
+        return 1;
+    }
+    quantize_rows(x, M, K, xq, xscale, offset);
+#pragma omp parallel
+    gemv_int8_shared(w, scale, bias, xq, xscale, offset, y, M, N, K);
     free(xq), free(xscale), free(offset);
     return 0;
 }
@@ -168,4 +192,142 @@ void unpack_int8_bf16(const int8_t *w, uint16_t *out, int64_t N, int64_t K) {
                     _mm512_storeu_si512(out + (n + r) * K + b * QBLOCK + i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
                 }
     }
+}
+
+/* ---- one decode step of a whole decoder stack ------------------------------------------------------------
+ *
+ * For one sequence and one new token, the layers of hovle.model.DecoderLayer (pre-norm GQA attention with
+ * rotate-half RoPE over the KV cache, then a SwiGLU MLP), all in one OpenMP region: one call per stack and
+ * per token instead of ~13 PyTorch ops per layer, whose dispatch cost more than the weights' streaming on
+ * small models (SmolLM2-135M: ~13 ms of ~28 ms per token). Intermediate values are rounded to bf16 where
+ * PyTorch's bf16 ops round them, so the two paths agree to bf16 rounding.
+ */
+
+/* Per layer: the two norms' weights, the caches, and each linear's (weight, int8 scales or NULL for bf16, bias or NULL). */
+enum { P_ATTN_NORM, P_FFN_NORM, P_K, P_V, P_WQKV, P_WO = P_WQKV + 3, P_W13 = P_WO + 3, P_W2 = P_W13 + 3, P_COUNT = P_W2 + 3 };
+
+struct int8_work { int8_t *xq; float *xscale, offset; };
+
+/* y [N] = x [K] times the linear at p (bf16 or packed int8), all threads together. */
+static void linear_shared(const void *const *p, const uint16_t *x, uint16_t *y, int64_t N, int64_t K,
+                          struct int8_work *work) {
+    if (!p[1]) {
+        gemv_bf16_shared(p[0], p[2], x, y, 1, N, K);
+        return;
+    }
+#pragma omp single
+    quantize_rows(x, 1, K, work->xq, work->xscale, &work->offset);
+    gemv_int8_shared(p[0], p[1], p[2], work->xq, work->xscale, &work->offset, y, 1, N, K);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* out = weight * bf16(x / rms(x)), as hovle.model.RMSNorm (fp32 statistics). */
+static void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t C, float eps) {
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; c++) ss += bf16_to_f32(x[c]) * bf16_to_f32(x[c]);
+    const float r = 1.f / sqrtf(ss / C + eps);
+    for (int64_t c = 0; c < C; c++) out[c] = f32_to_bf16(bf16_to_f32(weight[c]) * round_bf16(bf16_to_f32(x[c]) * r));
+}
+
+/* In place on `heads` heads of D values: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), bf16 products. */
+static void rope(uint16_t *x, int64_t heads, int64_t D, const uint16_t *cos, const uint16_t *sin) {
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t *x1 = x + h * D, *x2 = x1 + D / 2;
+        for (int64_t i = 0; i < D / 2; i++) {
+            const float a = bf16_to_f32(x1[i]), b = bf16_to_f32(x2[i]), c = bf16_to_f32(cos[i]), s = bf16_to_f32(sin[i]);
+            x1[i] = f32_to_bf16(round_bf16(a * c) - round_bf16(b * s));
+            x2[i] = f32_to_bf16(round_bf16(b * c) + round_bf16(a * s));
+        }
+    }
+}
+
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) { /* D % 32 == 0 */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* Query head h attends to the cached slots s <= slot that are valid (and always its own): softmax in fp32.
+ * k, v: [KVH, L, D] of this layer; scores: L floats of scratch. */
+static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, int64_t slot,
+                   int64_t L, int64_t D, float *scores, uint16_t *out) {
+    const float scale = 1.f / sqrtf((float)D);
+    float top = -INFINITY;
+    for (int64_t s = 0; s <= slot; s++) {
+        scores[s] = (valid[s] || s == slot) ? dot_bf16(q, k + s * D, D) * scale : -INFINITY;
+        top = scores[s] > top ? scores[s] : top;
+    }
+    float acc[512], total = 0.f; /* D <= 512 */
+    for (int64_t d = 0; d < D; d++) acc[d] = 0.f;
+    for (int64_t s = 0; s <= slot; s++) {
+        if (scores[s] == -INFINITY) continue;
+        const float p = expf(scores[s] - top);
+        total += p;
+        const uint16_t *vs = v + s * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 vv = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vs + d))), 16));
+            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_set1_ps(p), vv, _mm512_loadu_ps(acc + d)));
+        }
+    }
+    (void)L;
+    for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d] / total);
+}
+
+/* x [C] (bf16, the residual stream) is updated in place by `layers` layers. params: per layer P_COUNT
+ * pointers (P_K / P_V point at the layer's cache [KVH, L, D]). The new token's key and
+ * value are written at `slot`; valid [L] marks the cached slots to attend to. cos, sin: [D/2] of the token's
+ * position. scratch: H * L floats. buf: bf16 work space of 2 * C + (2 * H + 2 * KVH) * D + 3 * I values.
+ * dims: C, H, KVH, D, I, L. Returns 1 if it could not allocate (then x is unchanged). */
+int decode_stack(uint16_t *x, const void *const *params, int64_t layers, const uint8_t *valid, int64_t slot,
+                  const uint16_t *cos, const uint16_t *sin, const int64_t *dims, float eps, float *scratch,
+                  uint16_t *buf) {
+    const int64_t C = dims[0], H = dims[1], KVH = dims[2], D = dims[3], I = dims[4], L = dims[5];
+    const int64_t QKV = (H + 2 * KVH) * D, widest = I > C ? (I > H * D ? I : H * D) : (C > H * D ? C : H * D);
+    uint16_t *h = buf, *qkv = h + C, *att = qkv + QKV, *gu = att + H * D, *act = gu + 2 * I, *o = act + I;
+    struct int8_work work = {aligned_alloc(64, widest), aligned_alloc(64, sizeof(float) * widest / 4), 0.f};
+    if (!work.xq || !work.xscale) {
+        free(work.xq), free(work.xscale);
+        return 1;
+    }
+#pragma omp parallel
+    for (int64_t l = 0; l < layers; l++) {
+        const void *const *p = params + l * P_COUNT;
+        uint16_t *kc = (uint16_t *)p[P_K], *vc = (uint16_t *)p[P_V];
+#pragma omp single
+        rms_norm(x, p[P_ATTN_NORM], h, C, eps);
+        linear_shared(p + P_WQKV, h, qkv, QKV, C, &work);
+#pragma omp single
+        {
+            rope(qkv, H + KVH, D, cos, sin); /* the query heads and the key heads are contiguous */
+            for (int64_t g = 0; g < KVH; g++) {
+                memcpy(kc + (g * L + slot) * D, qkv + (H + g) * D, D * sizeof(uint16_t));
+                memcpy(vc + (g * L + slot) * D, qkv + (H + KVH + g) * D, D * sizeof(uint16_t));
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t hd = 0; hd < H; hd++) {
+            const int64_t g = hd / (H / KVH);
+            attend(qkv + hd * D, kc + g * L * D, vc + g * L * D, valid, slot, L, D, scratch + hd * L, att + hd * D);
+        }
+        linear_shared(p + P_WO, att, o, C, H * D, &work);
+#pragma omp single
+        {
+            for (int64_t c = 0; c < C; c++) x[c] = f32_to_bf16(bf16_to_f32(x[c]) + bf16_to_f32(o[c]));
+            rms_norm(x, p[P_FFN_NORM], h, C, eps);
+        }
+        linear_shared(p + P_W13, h, gu, 2 * I, C, &work);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < I; i++) { /* silu(gate) * up, each rounded to bf16 as F.silu and * do */
+            const float g = bf16_to_f32(gu[i]);
+            act[i] = f32_to_bf16(round_bf16(g / (1.f + expf(-g))) * bf16_to_f32(gu[I + i]));
+        }
+        linear_shared(p + P_W2, act, o, C, I, &work);
+#pragma omp single
+        for (int64_t c = 0; c < C; c++) x[c] = f32_to_bf16(bf16_to_f32(x[c]) + bf16_to_f32(o[c]));
+    }
+    free(work.xq), free(work.xscale);
+    return 0;
 }

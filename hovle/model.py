@@ -245,6 +245,10 @@ class Decoder(nn.Module):
                 mask = attention_mask(valid, slots, slots)
         cos, sin = rope_cos_sin(self.cfg, positions, inv_freq, x.dtype)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D/2], broadcast over heads
+        if cache is not None and T == 1 and B == 1:  # CPU decode: the whole stack in one C call where it applies
+            y = kernels.decode_stack(self, x, cache, cos, sin)
+            if y is not None:
+                return y
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         return x

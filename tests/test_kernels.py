@@ -1,5 +1,6 @@
 """The CPU decode kernels (hovle/gemv.c) against PyTorch: single linears, then whole cached decode steps."""
 
+import dataclasses
 import platform
 
 import pytest
@@ -84,6 +85,75 @@ def test_cached_decode_with_kernels_matches_pytorch(monkeypatch):
     int8_reference = decode(model)
     monkeypatch.undo()
     assert F.cosine_similarity(decode(model), int8_reference, dim=-1).min() > 0.999
+
+
+@needs_kernels
+def test_fused_decode_stack_matches_the_layers(monkeypatch):
+    """A whole stack's decode step in one C call (head_dim 32, q/k/v biases) against the layer-by-layer bf16
+    path and an fp32 reference: no further from fp32 than the layers, and used for both stacks each step."""
+    dims = dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=320, qkv_bias=True)
+    tiny = HoVLEConfig.from_name("tiny")
+    cfg = dataclasses.replace(tiny, embedding=dataclasses.replace(tiny.embedding, **dims),
+                              llm=dataclasses.replace(tiny.llm, **dims))
+    model = HoVLE.from_config(cfg, dtype=torch.bfloat16, seed=0)
+    with torch.no_grad():  # biases and norm weights away from their zero / one init, so each one matters
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).bfloat16() * 0.1)
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    fused_calls = []
+    fused = kernels.decode_stack
+
+    def counting(*args):
+        y = fused(*args)
+        fused_calls.append(y is not None)
+        return y
+
+    def decode(model):
+        with torch.inference_mode():
+            cache = model.new_cache(1, 40)
+            logits = [model.step(ids, cache)]
+            for t in range(20):  # fixed tokens: both paths see the same inputs
+                logits.append(model.step(torch.tensor([[7 + 13 * t]]), cache))
+        return torch.stack(logits).float()
+
+    monkeypatch.setattr(kernels, "decode_stack", counting)
+    got = decode(model)
+    assert fused_calls == [True] * 40  # 20 steps x (embedding module, LLM)
+    monkeypatch.setattr(kernels, "decode_stack", lambda *args: None)
+    layers = decode(model)
+    reference = decode(model.float())
+    assert torch.equal(got[0], layers[0])  # the prompt does not take the fused path
+    err, layers_err = relative_error(got[1:], reference[1:]), relative_error(layers[1:], reference[1:])
+    assert err < 1.5 * layers_err + 1e-3, (err, layers_err)
+    quantize_int8(model.bfloat16())  # int8 linears in the same C call: as the int8 layers one by one
+    int8_layers = decode(model)
+    monkeypatch.setattr(kernels, "decode_stack", counting)
+    int8_fused = decode(model)
+    assert fused_calls == [True] * 80
+    assert F.cosine_similarity(int8_fused, int8_layers, dim=-1).min() > 0.9999
+
+
+@needs_kernels
+def test_fused_decode_stack_declines_what_it_does_not_cover():
+    cfg = HoVLEConfig.from_name("tiny").with_llm(num_heads=2, num_kv_heads=1, intermediate_size=192)  # head_dim 32
+    model = HoVLE.from_config(cfg, dtype=torch.bfloat16, seed=0)
+    decoder, x = model.language_model.decoder, torch.randn(1, 1, 64).bfloat16()
+
+    def applies(model, x, batch=1):
+        with torch.no_grad():
+            return kernels.stack_applies(model.language_model.decoder, x, model.new_cache(batch, 8).llm)
+
+    assert applies(model, x)
+    assert not kernels.stack_applies(decoder, x, model.new_cache(1, 8).llm)  # autograd runs the layers
+    assert not applies(model, x, batch=2)  # one sequence only
+    assert not applies(model, torch.randn(1, 2, 64).bfloat16())  # one token only
+    assert not applies(model, x.float())
+    decoder.layers[1].feed_forward.w2 = Int8Linear(decoder.layers[1].feed_forward.w2)
+    assert applies(model, x)  # packed int8 linears too
+    decoder.layers[0].attention.wo = torch.nn.Linear(64, 64).bfloat16()  # e.g. a LoRA wrapper: unknown to C
+    assert not applies(model, x)
+    assert not applies(HoVLE.from_config(HoVLEConfig.from_name("tiny"), dtype=torch.bfloat16), x)  # head_dim 16
 
 
 @needs_kernels
