@@ -40,6 +40,7 @@ $(TINY)/data/DONE.json $(TINY)/init/DONE.json &:
 # Each stage's DONE marker is written only after `hovle train` has saved out_dir/final completely.
 $(TINY)/stage1/DONE: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
 	$(TRAIN) examples/tiny/stage1_distill.yaml model.init=$(TINY)/init train.out_dir=$(TINY)/stage1 \
+		distill.feature_cache=$(TINY)/teacher-features \
 		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}, {path: $(D)/train_text.jsonl, format: conversation}]' \
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S1_ARGS)
 	touch $@

@@ -60,7 +60,7 @@ def test_tiny_configs_are_valid(path):
 
     cfg = TrainConfig.load(path)
     assert cfg.train.out_dir.startswith("runs/tiny/") and cfg.train.save_every > 0
-    epochs = 2 if cfg.stage == "distill" else 1  # Stage I (teacher targets, no text to memorise) may repeat images
+    epochs = 8 if cfg.stage == "distill" else 1  # Stage I (cached teacher targets, no text to memorise) repeats images
     assert cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum <= 6000 * epochs
     assert cfg.stage != "sft" or cfg.lora.enabled
 
@@ -77,7 +77,8 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     d = run / "data"
 
     s1 = _stage("stage1_distill.yaml", run / "init", run / "stage1", "caption",
-                d / "train_caption.jsonl", d / "heldout_caption.jsonl")
+                d / "train_caption.jsonl", d / "heldout_caption.jsonl", f"distill.feature_cache={run / 'features'}")
+    assert list((run / "features").rglob("*.safetensors"))  # the teacher's features, cached for later epochs
     s2 = _stage("stage2_align.yaml", s1, run / "stage2", "caption",
                 d / "train_caption.jsonl", d / "heldout_caption.jsonl")
     s3 = _stage("stage3_sft.yaml", s2, run / "stage3", "conversation",

@@ -488,6 +488,29 @@ def test_distill_trains_the_embedding_module_towards_the_teachers(tmp_path, base
     assert keys[0] == keys[1]
 
 
+def test_feature_cache_replays_the_teacher_and_salient_weights_train(tmp_path, base, data, monkeypatch):
+    """distill.feature_cache: a second run over the same images never calls the teacher and trains to the
+    same weights, bit for bit (fresh features are rounded to bf16 like cached ones), with salient patch weights."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    calls = []
+    features = TinyTeacher.features
+    monkeypatch.setattr(TinyTeacher, "features", lambda self, x: calls.append(len(x)) or features(self, x))
+    sources = [{"path": str(data / "captions.jsonl"), "format": "caption"}]  # 6 images, 2 epochs in 12 x 1 steps
+    finals = []
+    for run in ("cold", "warm"):
+        calls.clear()
+        cfg = config(tmp_path / run, base, data, "distill", sources=sources, train__max_steps=12,
+                     train__micro_batch_size=1, distill__teacher="test_train:TinyTeacher", distill__teacher_args={},
+                     distill__feature_cache=str(tmp_path / "features"), distill__patch_weights="salient",
+                     data__max_tiles=1, optim__lr=3e-3)
+        finals.append(state(HoVLE.from_pretrained(train(cfg))))
+        assert calls[0] == 1  # the grid probe at setup
+        assert sum(calls[1:]) == (6 if run == "cold" else 0), calls  # only the first epoch runs the teacher
+        assert losses(tmp_path / run / "run")[-1] < losses(tmp_path / run / "run")[0]
+    assert len(list((tmp_path / "features").rglob("*.safetensors"))) == 6
+    assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
+
+
 def test_distill_head_maps_each_token_to_its_own_teacher_patches():
     """A 2x2 student grid against a 4x4 teacher grid: each student token drives exactly its own 2x2 teacher
     patches (depth-to-space, the inverse of the pixel shuffle); a 3x3 teacher grid falls back to a resize."""

@@ -143,9 +143,18 @@ class DistillConfig:
     # features share a large common component (on HoVLE-Tiny's data, DINOv2's mean patch feature alone scores
     # cosine 0.88), so raw targets teach little beyond it.
     standardize_targets: bool = False
+    # "salient": weight each teacher patch's loss by its distance from its image's mean (standardised) feature,
+    # normalised to mean 1 per image. Background patches, most of a scene of small objects, otherwise dominate
+    # the loss: on HoVLE-Tiny's data a linear probe found shape in 28% (uniform: 23%) of the images after
+    # 1000 steps x 32.
+    patch_weights: str = "uniform"
+    # A folder for the teacher's features (FeatureCache): every epoch after the first skips the teacher.
+    feature_cache: str | None = None
 
     def __post_init__(self):
         _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
+        _check(self.patch_weights in ("uniform", "salient"),
+               f"distill.patch_weights must be 'uniform' or 'salient', got {self.patch_weights!r}")
         _check(self.image_weight >= 0, f"distill.image_weight must be >= 0, got {self.image_weight}")
 
 

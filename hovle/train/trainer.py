@@ -191,7 +191,11 @@ class StageModule(nn.Module):
             if self.distill.standardize_targets:
                 flat = target.float().flatten(0, 1)
                 target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
-            out["image"] = token_loss(self.head(x), target, self.distill.loss).sum()
+            loss = token_loss(self.head(x), target, self.distill.loss)  # [N, t*t]
+            if self.distill.patch_weights == "salient":
+                dist = (target.float() - target.float().mean(1, keepdim=True)).norm(dim=-1)
+                loss = loss * dist / dist.mean(1, keepdim=True).clamp(min=1e-6)
+            out["image"] = loss.sum()
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
         if b["text_ids"] is not None:
@@ -281,9 +285,13 @@ class Trainer:
         if set(range(vocab, len(self.tokenizer))) - special:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} ids but the model's vocab_size is {vocab}")
 
-        self.teacher, head = None, None
+        self.teacher, head, self.feature_cache = None, None, None
         if cfg.stage == "distill":
             self.teacher, head = self._teacher_and_head()
+            if cfg.distill.feature_cache:
+                from hovle.train.teachers import FeatureCache
+
+                self.feature_cache = FeatureCache(cfg.distill.feature_cache, cfg.distill.teacher, cfg.distill.teacher_args)
         if cfg.lora.enabled:
             apply_lora(self.model, cfg.lora)
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
@@ -355,7 +363,12 @@ class Trainer:
             pv, ids, valid = batch["pixel_values"], batch["text_ids"], batch["text_mask"]
             batch["llm_image_tokens"] = 0 if pv is None else pv.shape[0] * mc.num_image_token
             tp = batch.pop("teacher_pixels")
-            batch["teacher_features"] = None if tp is None else self.teacher.features(tp.to(self.device)).float()
+            if tp is None:
+                batch["teacher_features"] = None
+            elif self.feature_cache is not None:
+                batch["teacher_features"] = self.feature_cache.features(self.teacher, tp, self.device)
+            else:
+                batch["teacher_features"] = self.teacher.features(tp.to(self.device)).float()
         batch["anchor_text_tokens"] = 0 if ids is None else int(anchor_text_mask(ids, valid, mc).sum())
         batch["samples"] = len(examples)
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
