@@ -511,6 +511,19 @@ def test_feature_cache_replays_the_teacher_and_salient_weights_train(tmp_path, b
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
 
 
+def test_distill_without_text_anchor_skips_text_only_samples(tmp_path, base, data, monkeypatch):
+    """Stage I without anchor.text_weight: text-only samples have no target and are skipped (counted), not
+    left to make a micro-batch with no loss (which crashed the step)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    sources = [{"path": str(data), "format": "images"}, {"path": str(data / "text.txt"), "format": "text"}]
+    cfg = config(tmp_path, base, data, "distill", sources=sources, train__max_steps=8, train__micro_batch_size=2,
+                 distill__teacher="test_train:TinyTeacher", distill__teacher_args={}, data__max_tiles=1)
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["skipped"]["no_target"] > 0, rows[-1]
+
+
 def test_distill_head_maps_each_token_to_its_own_teacher_patches():
     """A 2x2 student grid against a 4x4 teacher grid: each student token drives exactly its own 2x2 teacher
     patches (depth-to-space, the inverse of the pixel shuffle); a 3x3 teacher grid falls back to a resize."""

@@ -340,8 +340,10 @@ class Example:
 class Encoder:
     """Record -> Example for one stage: renders the model's chat template and masks labels to replies."""
 
-    def __init__(self, model_cfg: HoVLEConfig, tokenizer, data_cfg: DataConfig, stage: str, teacher=None):
+    def __init__(self, model_cfg: HoVLEConfig, tokenizer, data_cfg: DataConfig, stage: str, teacher=None,
+                 distill_text: bool = True):
         self.cfg, self.tok, self.data, self.stage, self.teacher = model_cfg, tokenizer, data_cfg, stage, teacher
+        self.distill_text = distill_text  # Stage I: whether text has a target (anchor.text_weight)
         self.template = get_template(model_cfg.template)
         self.max_tiles = data_cfg.max_tiles or (model_cfg.max_dynamic_patch if model_cfg.dynamic_image_size else 1)
         self.min_tiles = min(model_cfg.min_dynamic_patch, self.max_tiles)
@@ -428,11 +430,13 @@ class Encoder:
             ex.pixel_values = torch.stack([image_to_tensor(t, self.cfg.tile_size) for t in tiles])  # [N, 3, S, S]
             ex.teacher_pixels = torch.stack([self.teacher.preprocess(t) for t in tiles])  # [N, 3, s, s]
         text = rec.text if rec.turns is None else "\n".join(v.replace("<image>", "").strip() for _, v in rec.turns)
-        if text and text.strip():
+        if text and text.strip() and self.distill_text:
             ids = self.tok.encode(text.strip())
             self._check_length(len(ids))
             ex.input_ids = torch.tensor(ids)
         if ex.pixel_values is None and ex.input_ids is None:
+            if text and text.strip():  # a micro-batch of such samples alone would have no loss to step on
+                raise BadSample("no_target", "text only, and Stage I trains on text only with anchor.text_weight > 0")
             raise BadSample("bad_record", "neither image nor text")
         return ex
 

@@ -304,7 +304,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
-        encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher)
+        encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher,
+                          distill_text=bool(cfg.anchor.text_weight))
         train_stream, eval_stream = build_streams(cfg.data, cfg.train.seed, self.rank, self.world)
         self.loader = Loader(train_stream, encoder, cfg.data.num_workers)
         self.eval_loader = Loader(eval_stream, encoder, cfg.data.num_workers) if eval_stream is not None else None
@@ -357,8 +358,6 @@ class Trainer:
             batch["llm_image_tokens"] = int((ids == mc.embedding.img_context_token_id).sum())
         else:
             batch = collate_distill(examples, pad)
-            if not self.cfg.anchor.text_weight:  # no text term: the text never runs (nor counts as throughput)
-                batch["text_ids"] = batch["text_mask"] = None
             batch["n_image_tokens"] = mc.num_embedding_image_token
             pv, ids, valid = batch["pixel_values"], batch["text_ids"], batch["text_mask"]
             batch["llm_image_tokens"] = 0 if pv is None else pv.shape[0] * mc.num_image_token
