@@ -206,7 +206,11 @@ void unpack_int8_bf16(const int8_t *w, uint16_t *out, int64_t N, int64_t K) {
 /* Per layer: the two norms' weights, the caches, and each linear's (weight, int8 scales or NULL for bf16, bias or NULL). */
 enum { P_ATTN_NORM, P_FFN_NORM, P_K, P_V, P_WQKV, P_WO = P_WQKV + 3, P_W13 = P_WO + 3, P_W2 = P_W13 + 3, P_COUNT = P_W2 + 3 };
 
-struct int8_work { int8_t *xq; float *xscale, offset; };
+struct int8_work {
+    int8_t *xq;
+    float *xscale;
+    float offset;
+};
 
 /* y [N] = x [K] times the linear at p (bf16 or packed int8), all threads together. */
 static void linear_shared(const void *const *p, const uint16_t *x, uint16_t *y, int64_t N, int64_t K,

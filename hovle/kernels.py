@@ -226,7 +226,7 @@ class _StackPlan:
     def __init__(self, decoder: torch.nn.Module, cache):
         cfg, L = decoder.cfg, cache.max_len
         self.decoder = weakref.ref(decoder)
-        self.tensors = []  # the tensors whose memory the pointers name, kept alive with the plan
+        self.tensors = []  # views of the memory the pointers name: kept alive even if a parameter's .data is swapped
         ptrs = []
         for i, layer in enumerate(decoder.layers):
             att, ff = layer.attention, layer.feed_forward
@@ -234,13 +234,14 @@ class _StackPlan:
             for lin in (att.wqkv, att.wo, ff.w13, ff.w2):  # (weight, int8 scales or None for bf16, bias)
                 tensors += [lin.weight, getattr(lin, "scales", None), lin.bias]
             ptrs += [None if t is None else t.data_ptr() for t in tensors]
-            self.tensors += tensors
+            self.tensors += [None if t is None else t.detach() for t in tensors]
+        self.needs_grad = any(q.requires_grad for q in decoder.parameters())
         self.params = (ctypes.c_void_p * len(ptrs))(*ptrs)
         C, H, KVH, D, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
         self.dims = (ctypes.c_int64 * 6)(C, H, KVH, D, I, L)
         self.scratch = torch.empty(H * L, dtype=torch.float32)
         self.buf = torch.empty(2 * C + (2 * H + 2 * KVH) * D + 3 * I, dtype=torch.bfloat16)
-        self.eps = layer.attention_norm.eps
+        self.eps = cfg.rms_norm_eps  # every RMSNorm of the stack
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KVCache -> _StackPlan
@@ -253,10 +254,10 @@ def stack_applies(decoder: torch.nn.Module, x: Tensor, cache) -> bool:
 
     cfg = decoder.cfg
     if not (x.shape[:2] == (1, 1) and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and cache.k.dtype == torch.bfloat16 and cache.k.shape[1] == 1 and not torch.compiler.is_compiling()
+            and cache.k.dtype == torch.bfloat16 and cache.k.shape[:2] == (len(decoder.layers), 1)
+            and cache.k.is_contiguous() and cache.v.is_contiguous() and not torch.compiler.is_compiling()
             and cfg.head_dim % 32 == 0 and cfg.head_dim <= 512 and cfg.hidden_size % 64 == 0
-            and cfg.intermediate_size % 64 == 0 and (cfg.num_heads * cfg.head_dim) % 64 == 0
-            and library() is not None):
+            and cfg.intermediate_size % 64 == 0 and library() is not None):
         return False
     grad = torch.is_grad_enabled()
     for layer in decoder.layers:
@@ -282,11 +283,14 @@ def decode_stack(decoder: torch.nn.Module, x: Tensor, cache, cos: Tensor, sin: T
     plan = _PLANS.get(cache)
     if plan is None or (plan and plan.decoder() is not decoder):  # checked once per generation (False: does not apply)
         plan = _PLANS[cache] = stack_applies(decoder, x, cache) and _StackPlan(decoder, cache)
-    if not plan or (torch.is_grad_enabled() and x.requires_grad):
+    if not plan or (torch.is_grad_enabled() and (x.requires_grad or plan.needs_grad)):
         return None
+    slot = cache.pos - 1
+    if cache.slots.numel() != 1 or not 0 <= slot < cache.max_len:
+        raise ValueError(f"decode_stack needs a cache advanced by one token, got slots {cache.slots.tolist()}")
     y = x.to(torch.bfloat16, copy=True).contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    if library().decode_stack(y.data_ptr(), plan.params, len(decoder.layers), cache.valid.data_ptr(), cache.pos - 1,
+    if library().decode_stack(y.data_ptr(), plan.params, len(decoder.layers), cache.valid.data_ptr(), slot,
                               cos.data_ptr(), sin.data_ptr(), plan.dims, plan.eps, plan.scratch.data_ptr(),
                               plan.buf.data_ptr()):
         raise MemoryError("decode_stack could not allocate its quantized activations")

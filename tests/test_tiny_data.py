@@ -177,6 +177,8 @@ def test_every_generated_answer_scores_as_correct():
     ("shape", "It looks like two stars.", "star", True),
     ("shape", "It's round.", "circle", True),
     ("shape", "A square next to a circle.", "square", False),
+    ("shape", "A square or a hexagon.", "square", False),  # shapes of earlier worlds still compete
+    ("shape", "It is a hexagon.", "hexagon", True),  # and eval sets of runs 1-3 still score
     ("count", "three", "3", True),
     ("count", "There are 3 circles.", "3", True),
     ("count", "I can see a single star.", "1", True),

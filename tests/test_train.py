@@ -507,8 +507,13 @@ def test_feature_cache_replays_the_teacher_and_salient_weights_train(tmp_path, b
         assert calls[0] == 1  # the grid probe at setup
         assert sum(calls[1:]) == (6 if run == "cold" else 0), calls  # only the first epoch runs the teacher
         assert losses(tmp_path / run / "run")[-1] < losses(tmp_path / run / "run")[0]
-    assert len(list((tmp_path / "features").rglob("*.safetensors"))) == 6
+    files = sorted((tmp_path / "features").rglob("*.safetensors"))
+    assert len(files) == 6
     assert all(torch.equal(finals[0][n], finals[1][n]) for n in finals[0])
+    from hovle.train.teachers import FeatureCache
+
+    files[0].write_bytes(b"truncated")  # a crash mid-write: recomputed, not an error
+    assert FeatureCache._read(files[0]) is None
 
 
 def test_distill_without_text_anchor_skips_text_only_samples(tmp_path, base, data, monkeypatch):

@@ -57,6 +57,10 @@ SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disc", "disk", "round"), "square": ("square",), "triangle": ("triangle", "triangular"),
     "star": ("star",),
 }
+# What scoring recognises as a shape answer: the world's shapes plus those runs 1-3 drew, so their eval sets
+# still score, and "a square or a hexagon" still names a competing shape.
+SHAPE_WORDS = SHAPE_SYNONYMS | {"hexagon": ("hexagon", "hexagonal"), "pentagon": ("pentagon", "pentagonal"),
+                                "diamond": ("diamond", "rhombus")}
 # radius / min(W, H). At 224 px a model token covers 28 px: a small shape spans 1.5-1.8 tokens (radius 10 px,
 # one token, left shape at chance in HoVLE-Tiny run 2; radii of 7-9% were still learned slowly, above).
 SIZES = {"small": (0.09, 0.11), "medium": (0.12, 0.145), "large": (0.16, 0.2)}
@@ -1057,7 +1061,7 @@ def score_answer(qtype: str, reply: str, expected: str, question: str | None = N
     """
     reply = reply or ""
     if qtype in ("color", "shape", "position"):
-        vocab = {"color": COLOR_SYNONYMS, "shape": SHAPE_SYNONYMS, "position": REL_SYNONYMS}[qtype]
+        vocab = {"color": COLOR_SYNONYMS, "shape": SHAPE_WORDS, "position": REL_SYNONYMS}[qtype]
         if expected not in vocab:
             raise ValueError(f"{expected!r} is not a {qtype} answer; known: {', '.join(vocab)}")
         said = {c for _, c in _mentions(reply, vocab)}

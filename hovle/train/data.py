@@ -436,7 +436,7 @@ class Encoder:
             ex.input_ids = torch.tensor(ids)
         if ex.pixel_values is None and ex.input_ids is None:
             if text and text.strip():  # a micro-batch of such samples alone would have no loss to step on
-                raise BadSample("no_target", "text only, and Stage I trains on text only with anchor.text_weight > 0")
+                raise BadSample("no_target", "text only, and Stage I uses text only when anchor.text_weight > 0")
             raise BadSample("bad_record", "neither image nor text")
         return ex
 

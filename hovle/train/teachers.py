@@ -17,12 +17,14 @@ import importlib.util
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -277,36 +279,47 @@ def load_teacher(name: str, **kwargs):
 
 
 class FeatureCache:
-    """A teacher's features on disk, one bf16 file per input tile, keyed by the teacher (name and arguments)
-    and the tile's exact pixels. Stage I sees each image many times and the teacher costs more than the
-    student (ViT-S/14, 8 blocks at 224 px: ~5x the embedding module's forward and backward), so only the
-    first epoch pays for it: on HoVLE-Tiny, 58 student images/s from the cache against 9.6 samples/s with
-    the teacher in every step. Fresh features are rounded to bf16 like cached ones, so a run gives the same
-    targets whether or not a tile was cached (and resumes exactly). Files are written atomically; processes
-    may share a folder."""
+    """A teacher's features on disk, one bf16 file per input tile, keyed by the teacher (name, arguments and,
+    for a torch module, its weights) and the tile's exact pixels. Stage I sees each image many times and the
+    teacher costs more than the student (ViT-S/14, 8 blocks at 224 px: ~5x the embedding module's forward and
+    backward), so only the first epoch pays for it: on HoVLE-Tiny, 58 student images/s from the cache against
+    9.6 samples/s with the teacher in every step. Fresh features are rounded to bf16 like cached ones, so a run
+    gives the same targets whether or not a tile was cached (and resumes exactly). Files are written
+    atomically, and an unreadable one (a crash mid-write on a filesystem without ordering) is recomputed."""
 
-    def __init__(self, folder: str | Path, teacher_name: str, teacher_args: dict):
-        spec = json.dumps({"teacher": teacher_name, "args": teacher_args}, sort_keys=True, default=str)
-        self.folder = Path(folder) / hashlib.sha256(spec.encode()).hexdigest()[:16]
+    def __init__(self, folder: str | Path, teacher_name: str, teacher_args: dict, teacher=None):
+        key = hashlib.sha256(json.dumps({"teacher": teacher_name, "args": teacher_args}, sort_keys=True,
+                                        default=str).encode())
+        if isinstance(teacher, nn.Module):  # new weights (another package version, another file): new features
+            for name, t in sorted(teacher.state_dict().items()):
+                key.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.folder = Path(folder) / key.hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = self.misses = 0
 
     def _path(self, pixels: Tensor) -> Path:
-        key = hashlib.sha256(pixels.contiguous().numpy().tobytes()).hexdigest()
-        return self.folder / key[:2] / f"{key}.safetensors"
+        t = pixels.detach().cpu().contiguous()
+        key = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
+        digest = key.hexdigest()
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    @staticmethod
+    def _read(path: Path) -> Tensor | None:
+        try:
+            return load_file(path)["features"] if path.exists() else None
+        except (SafetensorError, OSError, KeyError):  # a truncated or foreign file: recompute it
+            return None
 
     def features(self, teacher, pixels: Tensor, device: torch.device) -> Tensor:
         """pixels [N, 3, s, s] (CPU, the teacher's input) -> [N, tokens, D] fp32 on `device` (bf16 values)."""
         paths = [self._path(t) for t in pixels]
-        out: list[Tensor | None] = [load_file(p)["features"] if p.exists() else None for p in paths]
+        out: list[Tensor | None] = [self._read(p) for p in paths]
         missing = [i for i, f in enumerate(out) if f is None]
-        self.hits, self.misses = self.hits + len(paths) - len(missing), self.misses + len(missing)
         if missing:
             fresh = teacher.features(pixels[missing].to(device)).to(torch.bfloat16).cpu()
             for f, i in zip(fresh, missing):
                 out[i] = f
                 paths[i].parent.mkdir(exist_ok=True)
-                tmp = paths[i].with_name(f"{paths[i].name}.{os.getpid()}.tmp")
+                tmp = paths[i].with_name(f"{paths[i].name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
                 save_file({"features": f.contiguous()}, tmp)
                 os.replace(tmp, paths[i])
         return torch.stack(out).to(device).float()

@@ -291,7 +291,8 @@ class Trainer:
             if cfg.distill.feature_cache:
                 from hovle.train.teachers import FeatureCache
 
-                self.feature_cache = FeatureCache(cfg.distill.feature_cache, cfg.distill.teacher, cfg.distill.teacher_args)
+                self.feature_cache = FeatureCache(cfg.distill.feature_cache, cfg.distill.teacher,
+                                                  cfg.distill.teacher_args, self.teacher)
         if cfg.lora.enabled:
             apply_lora(self.model, cfg.lora)
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
