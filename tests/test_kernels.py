@@ -89,9 +89,10 @@ def test_cached_decode_with_kernels_matches_pytorch(monkeypatch):
 
 @needs_kernels
 def test_fused_decode_stack_matches_the_layers(monkeypatch):
-    """A whole stack's decode step in one C call (head_dim 32, q/k/v biases) against the layer-by-layer bf16
-    path and an fp32 reference: no further from fp32 than the layers, and used for both stacks each step."""
-    dims = dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=320, qkv_bias=True)
+    """A whole stack's decode step in one C call (head_dim 32, 4 query heads per KV head, q/k/v biases, a
+    left-padded prompt) against the layer-by-layer bf16 path and an fp32 reference: no further from fp32 than
+    the layers, and used for both stacks each step."""
+    dims = dict(num_layers=2, hidden_size=256, num_heads=8, num_kv_heads=2, intermediate_size=320, qkv_bias=True)
     tiny = HoVLEConfig.from_name("tiny")
     cfg = dataclasses.replace(tiny, embedding=dataclasses.replace(tiny.embedding, **dims),
                               llm=dataclasses.replace(tiny.llm, **dims))
@@ -101,6 +102,7 @@ def test_fused_decode_stack_matches_the_layers(monkeypatch):
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).bfloat16() * 0.1)
     ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    left_padded = torch.tensor([[0] * 3 + [1] * 9])  # the padded slots must stay unseen by every decode step
     fused_calls = []
     fused = kernels.decode_stack
 
@@ -112,7 +114,7 @@ def test_fused_decode_stack_matches_the_layers(monkeypatch):
     def decode(model):
         with torch.inference_mode():
             cache = model.new_cache(1, 40)
-            logits = [model.step(ids, cache)]
+            logits = [model.step(ids, cache, attention_mask=left_padded)]
             for t in range(20):  # fixed tokens: both paths see the same inputs
                 logits.append(model.step(torch.tensor([[7 + 13 * t]]), cache))
         return torch.stack(logits).float()
