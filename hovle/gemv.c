@@ -254,9 +254,9 @@ static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) { 
 }
 
 /* Query head h attends to the cached slots s <= slot that are valid (and always its own): softmax in fp32.
- * k, v: [KVH, L, D] of this layer; scores: L floats of scratch. */
+ * k, v: this head's [L, D] cache rows; scores: slot + 1 floats of scratch. */
 static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, int64_t slot,
-                   int64_t L, int64_t D, float *scores, uint16_t *out) {
+                   int64_t D, float *scores, uint16_t *out) {
     const float scale = 1.f / sqrtf((float)D);
     float top = -INFINITY;
     for (int64_t s = 0; s <= slot; s++) {
@@ -276,7 +276,6 @@ static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, cons
             _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(_mm512_set1_ps(p), vv, _mm512_loadu_ps(acc + d)));
         }
     }
-    (void)L;
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d] / total);
 }
 
@@ -314,7 +313,7 @@ int decode_stack(uint16_t *x, const void *const *params, int64_t layers, const u
 #pragma omp for schedule(static)
         for (int64_t hd = 0; hd < H; hd++) {
             const int64_t g = hd / (H / KVH);
-            attend(qkv + hd * D, kc + g * L * D, vc + g * L * D, valid, slot, L, D, scratch + hd * L, att + hd * D);
+            attend(qkv + hd * D, kc + g * L * D, vc + g * L * D, valid, slot, D, scratch + hd * L, att + hd * D);
         }
         linear_shared(p + P_WO, att, o, C, H * D, &work);
 #pragma omp single

@@ -278,6 +278,11 @@ def load_teacher(name: str, **kwargs):
 # ---- teacher features cached on disk ---------------------------------------------------------------------
 
 
+def _raw_bytes(t: Tensor) -> bytes:
+    """The tensor's memory as bytes (any dtype, bf16 included, which numpy lacks)."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
 class FeatureCache:
     """A teacher's features on disk, one bf16 file per input tile, keyed by the teacher (name, arguments and,
     for a torch module, its weights) and the tile's exact pixels. Stage I sees each image many times and the
@@ -292,14 +297,12 @@ class FeatureCache:
                                         default=str).encode())
         if isinstance(teacher, nn.Module):  # new weights (another package version, another file): new features
             for name, t in sorted(teacher.state_dict().items()):
-                key.update(name.encode() + t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                key.update(name.encode() + _raw_bytes(t))
         self.folder = Path(folder) / key.hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, pixels: Tensor) -> Path:
-        t = pixels.detach().cpu().contiguous()
-        key = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
-        digest = key.hexdigest()
+        digest = hashlib.sha256(f"{pixels.dtype}{tuple(pixels.shape)}".encode() + _raw_bytes(pixels)).hexdigest()
         return self.folder / digest[:2] / f"{digest}.safetensors"
 
     @staticmethod

@@ -193,7 +193,8 @@ class StageModule(nn.Module):
                 target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
             loss = token_loss(self.head(x), target, self.distill.loss)  # [N, t*t]
             if self.distill.patch_weights == "salient":
-                dist = (target.float() - target.float().mean(1, keepdim=True)).norm(dim=-1)
+                t = target.float()
+                dist = (t - t.mean(1, keepdim=True)).norm(dim=-1)
                 loss = loss * dist / dist.mean(1, keepdim=True).clamp(min=1e-6)
             out["image"] = loss.sum()
             if self.anchor.image_rms_weight:
