@@ -2,7 +2,7 @@
 
 Decode multiplies one row per sequence by every weight, so it runs at the speed weights stream from
 memory. gemv.c streams bf16 weights at about the machine's read bandwidth with less per-call overhead
-than torch.mv, and int8 weights in ~60% of the bf16 time (PyTorch's own int8 GEMV is compute-bound and
+than torch.mv, and int8 weights in ~55% of the bf16 time (PyTorch's own int8 GEMV is compute-bound and
 no faster than bf16 here). For one sequence, `decode_stack` runs a whole decoder stack's step (norms, RoPE,
 cache write, attention, SwiGLU and the GEMVs) in one call, so small models are not bound by PyTorch's
 per-op dispatch (HoVLE-Tiny: 34 -> 73 tok/s). The library is built for the machine it runs on
@@ -39,6 +39,7 @@ REQUIRED_CPU_FLAGS = {"avx512_bf16", "avx512_vnni"}
 # Most rows (sequences in a decode batch) per call. Measured on 2 cores: past these, PyTorch's bf16 matmul (which
 # reuses each weight load across rows) wins, and int8 beats dequantize-then-matmul up to 16 rows and beyond.
 MAX_ROWS = {torch.bfloat16: 2, torch.int8: 16}
+INT8_GROUP = 64  # input channels per int8 weight scale: the k's of one vpdpbusd (gemv.c's QBLOCK)
 
 
 HUGE_PAGE = 2 << 20
@@ -126,7 +127,7 @@ def library() -> ctypes.CDLL | None:
     ptrs, sizes = [ctypes.c_void_p] * 4, [ctypes.c_int64] * 3
     lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = ptrs + sizes, None
     lib.gemv_int8.argtypes, lib.gemv_int8.restype = [ctypes.c_void_p] + ptrs + sizes, ctypes.c_int
-    lib.unpack_int8_bf16.argtypes, lib.unpack_int8_bf16.restype = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2, None
+    lib.unpack_int8_bf16.argtypes, lib.unpack_int8_bf16.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2, None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.decode_stack.argtypes = [p, p, i64, p, i64, p, p, p, ctypes.c_float, p, p]
     lib.decode_stack.restype = ctypes.c_int
@@ -154,7 +155,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
 
 
 def can_pack_int8(weight: Tensor) -> bool:
-    """Whether linear_int8 will run for this [N, K] int8 weight (so packing it pays off)."""
+    """Whether linear_int8 will run for this [N, K] weight once quantized (so packing it pays off)."""
     return weight.device.type == "cpu" and weight.shape[1] % 64 == 0 and library() is not None
 
 
@@ -176,15 +177,15 @@ _scratch = threading.local()
 PREFILL_CHUNK_BYTES = 16 << 20  # bf16 weight rows unpacked at a time: stays in cache for the matmul
 
 
-def prefill_int8(x2: Tensor, packed: Tensor, scale: Tensor, out_features: int) -> Tensor | None:
-    """x2 [M, K] bf16 @ (int8 weight * scale).T for many rows (prefill), or None without the library.
+def prefill_int8(x2: Tensor, packed: Tensor, scales: Tensor, out_features: int) -> Tensor | None:
+    """x2 [M, K] bf16 @ (int8 weight * scales).T for many rows (prefill), or None without the library.
 
-    The dense bf16 matmul is fast for many rows, so the packed weight is unpacked to bf16, a cache-sized
+    The dense bf16 matmul is fast for many rows, so the packed weight is dequantized to bf16, a cache-sized
     chunk of rows at a time into one reused buffer (a fresh full-size copy per call spent more time in
     page faults than in the matmul: 51 -> 18 ms for a 16384x2048 linear over 321 rows).
     """
     lib = library()
-    if (lib is None or x2.dtype != torch.bfloat16 or x2.device.type != "cpu"
+    if (lib is None or x2.dtype != torch.bfloat16 or x2.device.type != "cpu" or not _int8_scales_fit(scales, packed)
             or (torch.is_grad_enabled() and x2.requires_grad)):
         return None
     N, K = out_features, packed.shape[1] * 64
@@ -196,21 +197,29 @@ def prefill_int8(x2: Tensor, packed: Tensor, scale: Tensor, out_features: int) -
     for n0 in range(0, N, rows):
         n = min(rows, N - n0)
         w = buf[:n * K].view(n, K)
-        lib.unpack_int8_bf16(packed.data_ptr() + n0 * K, w.data_ptr(), n, K)  # n0 % 4 == 0: a block boundary
+        # n0 % 4 == 0: a block boundary of the packed weight
+        lib.unpack_int8_bf16(packed.data_ptr() + n0 * K, scales[n0].data_ptr(), w.data_ptr(), n, K)
         y[:, n0:n0 + n] = F.linear(x2, w)
-    return y.mul_(scale)
+    return y
 
 
-def linear_int8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, out_features: int) -> Tensor | None:
-    """x [..., K] @ (int8 weight * per-row scale).T + bias, weight from pack_int8; None where it does not apply."""
+def _int8_scales_fit(scales: Tensor, packed: Tensor) -> bool:
+    """fp32 scales [N, K / INT8_GROUP], contiguous, as the kernels read them (not cast by a model.to(dtype))."""
+    return (scales.dtype == torch.float32 and scales.is_contiguous() and scales.dim() == 2
+            and scales.shape[1] * INT8_GROUP == packed.shape[1] * 64)
+
+
+def linear_int8(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor | None, out_features: int) -> Tensor | None:
+    """x [..., K] @ (int8 weight * scales).T + bias, weight from pack_int8 and scales [N, K/64] fp32;
+    None where it does not apply."""
     N, K = out_features, packed.shape[1] * 64
-    if not (scale.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
+    if not (_int8_scales_fit(scales, packed) and (bias is None or bias.dtype == torch.bfloat16)
             and _applies(x, packed, K, MAX_ROWS[torch.int8])):
         return None
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     b = None if bias is None else bias.contiguous().data_ptr()
-    if library().gemv_int8(packed.data_ptr(), scale.contiguous().data_ptr(), b, x2.data_ptr(), y.data_ptr(),
+    if library().gemv_int8(packed.data_ptr(), scales.data_ptr(), b, x2.data_ptr(), y.data_ptr(),
                            x2.shape[0], N, K):
         raise MemoryError("gemv_int8 could not allocate its quantized activations")
     return y
@@ -264,7 +273,7 @@ def stack_applies(decoder: torch.nn.Module, x: Tensor, cache) -> bool:
         att, ff = layer.attention, layer.feed_forward
         for lin in (att.wqkv, att.wo, ff.w13, ff.w2):
             bf16 = type(lin) is Linear and lin.weight.dtype == torch.bfloat16 and lin.weight.is_contiguous()
-            int8 = type(lin) is Int8Linear and lin.packed and lin.scales.dtype == torch.bfloat16
+            int8 = type(lin) is Int8Linear and lin.packed and _int8_scales_fit(lin.scales, lin.weight)
             if not (bf16 or int8) or (lin.bias is not None and lin.bias.dtype != torch.bfloat16):
                 return False
         for norm in (layer.attention_norm, layer.ffn_norm):

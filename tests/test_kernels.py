@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hovle import HoVLE, HoVLEConfig, kernels
-from hovle.quantize import Int8Linear, quantize_int8
+from hovle.quantize import Int8Linear, quantize_int8, quantize_weight
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None,
                                    reason="no AVX512-BF16/VNNI CPU or no C compiler: PyTorch's kernels are used")
@@ -42,11 +42,11 @@ def test_int8_kernel_matches_dequantized_matmul(rows, bias):
     q = Int8Linear(lin)
     x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)).bfloat16()
     assert q.packed and q.weight.shape == (33, 16, 4, 64)  # 130 rows padded to 132
-    plain = torch.round(lin.weight.float() / q.scales.float()[:, None]).clamp(-127, 127)
-    assert torch.equal(q.int8_weight().float(), plain)  # unpack_int8 inverts pack_int8
+    plain, _ = quantize_weight(lin.weight, 64)
+    assert torch.equal(q.int8_weight(), plain)  # unpack_int8 inverts pack_int8
     got = kernels.linear_int8(x, q.weight, q.scales, q.bias, 130)
     assert got is not None and got.shape == (rows, 130)
-    deq = q.int8_weight().float() * q.scales.float()[:, None]
+    deq = q.dequantized(torch.float32)
     expected = F.linear(x.float(), deq, None if lin.bias is None else lin.bias.float())
     # Activations are quantized in groups of 4 (absmax / 127): ~0.35% error, near a bf16 matmul's ~0.23%.
     assert relative_error(got, expected) < 5e-3
@@ -200,6 +200,6 @@ def test_int8_prefill_matches_dequantized_matmul(monkeypatch, chunk_rows):
     x = torch.randn(2, 20, 1024, generator=torch.Generator().manual_seed(chunk_rows)).bfloat16()
     with torch.no_grad():
         got = q(x)
-    deq = q.int8_weight().float() * q.scales.float()[:, None]
+    deq = q.dequantized(torch.float32)
     expected = F.linear(x.float(), deq, lin.bias.float())
     assert got.shape == (2, 20, 130) and relative_error(got, expected) < 4e-3
