@@ -47,7 +47,7 @@ def _load(args):
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"],
-                        help="int8 weights for the decoder linears and the head (half the memory; ~1.9x faster "
+                        help="int8 weights for the decoder linears and the head (half the memory; ~1.75x faster "
                              "decode on CPUs with AVX512-VNNI, see docs/performance.md)")
 
 
