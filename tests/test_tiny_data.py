@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hovle.evaluate.prompts import SHORT_ANSWER
 from hovle.tiny import data as D
 
 
@@ -151,6 +152,20 @@ def test_dataset_files(tmp_path):
     assert spec.name == "vqa" and len(table.rows) == len(rows)
     assert [(r.get("question"), r.get("answer"), r.get("category")) for r in table.rows] == [
         (r["meta"]["question"], r["meta"]["expected"], r["meta"]["qtype"]) for r in rows]
+
+
+def test_some_turns_use_the_benchmarks_short_answer_form():
+    """hovle eval's VQA prompt (question + SHORT_ANSWER) is in the training data, answered with the bare answer."""
+    short = total = 0
+    for i in range(200):
+        sample = D.image_sample(D.sample_scene(0, i), random.Random(i), "x.png", multi_turn=True)
+        conv = sample["conversations"]
+        for qtype, q, a in zip(sample["meta"]["qtypes"], conv[::2], conv[1::2]):
+            total += 1
+            if q["value"].endswith("\n" + SHORT_ANSWER):
+                short += 1
+                assert qtype in D.SHORT_ANSWER_QTYPES and 0 < len(a["value"].split()) <= 3 and "." not in a["value"]
+    assert 0.05 < short / total < 0.2
 
 
 def test_every_generated_answer_scores_as_correct():

@@ -32,6 +32,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from hovle.evaluate.prompts import SHORT_ANSWER
+
 # ---- the world's vocabulary ------------------------------------------------------------------------------
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -855,6 +857,10 @@ def _human(q: str, first: bool) -> dict:
 QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 2.5, "position": 1.5, "text": 1.5, "size": 0.5,
                  "location": 0.4, "exists": 0.4, "describe": 0.4, "photo": 1.0, "photo_colors": 0.5,
                  "photo_absent": 0.7}
+# Share of turns asked in the benchmarks' short-answer form (question + SHORT_ANSWER -> the bare answer): run 4,
+# never shown it, answered nearly every such question with its reading template.
+SHORT_ANSWER_SHARE = 0.15
+SHORT_ANSWER_QTYPES = {"color", "shape", "count", "position", "location", "exists", "size", "text"}  # a word or two
 
 
 def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) -> dict[str, Any]:
@@ -869,7 +875,10 @@ def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) 
         qas.append(qa)
     conv = []
     for j, qa in enumerate(qas):
-        conv += [_human(qa["question"], j == 0), {"from": "gpt", "value": qa["answer"]}]
+        question, answer = qa["question"], qa["answer"]
+        if qa["qtype"] in SHORT_ANSWER_QTYPES and rng.random() < SHORT_ANSWER_SHARE:
+            question, answer = f"{question}\n{SHORT_ANSWER}", qa["expected"]
+        conv += [_human(question, j == 0), {"from": "gpt", "value": answer}]
     return {"image": image, "conversations": conv, "meta": {"qtypes": [qa["qtype"] for qa in qas], "kind": scene["kind"]}}
 
 
