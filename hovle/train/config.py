@@ -63,6 +63,7 @@ class DataConfig:
     system_message: str | None = None  # default: the template's
     shuffle: bool = True
     num_workers: int = 0  # threads that decode and tokenize a batch's samples in parallel
+    group_by_length: int = 1  # micro-batches drawn together and sorted by length (less padding); 1 = off
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else _build(SourceConfig, s, "data.sources[]")
@@ -74,6 +75,7 @@ class DataConfig:
         _check(self.pad_to_multiple >= 1, f"data.pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
         _check(self.max_length > 0, f"data.max_length must be positive, got {self.max_length}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.group_by_length >= 1, f"data.group_by_length must be >= 1, got {self.group_by_length}")
         _check(self.max_tiles is None or self.max_tiles >= 1, f"data.max_tiles must be >= 1, got {self.max_tiles}")
         shards = [s.format == "webdataset" for s in self.sources]
         _check(all(shards) or not any(shards),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import random
 import re
 import tarfile
 from collections import Counter
@@ -446,12 +447,21 @@ class Loader:
 
     With `num_workers` threads the samples of a batch are decoded and tokenized in parallel. The records
     consumed are the same as one by one: exactly as many are drawn as good samples are still missing.
+
+    With `group_by_length` = k > 1, k micro-batches are drawn at once, sorted by length, cut into batches and
+    served in a seeded random order: a batch pads to its own longest sample, so grouping similar lengths cuts
+    the padded tokens (HoVLE-Tiny Stage III at batch 8: 61% real tokens alone, 9x% grouped by 8).
     """
 
-    def __init__(self, stream: MapStream | ShardStream, encoder: Encoder, num_workers: int = 0):
-        self.stream, self.encoder = stream, encoder
+    def __init__(self, stream: MapStream | ShardStream, encoder: Encoder, num_workers: int = 0,
+                 group_by_length: int = 1):
+        self.stream, self.encoder, self.group_by_length = stream, encoder, group_by_length
         self.skipped: Counter[str] = Counter()
         self.pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self.groups = 0  # length groups drawn so far (seeds each group's batch order)
+        self.queue: list[list[Example]] = []  # the current group's batches not served yet
+        self.group_start: dict = {}  # the state before the current group was drawn: resume redraws it
+        self.to_skip = 0  # batches of a redrawn group that were served before the checkpoint
 
     def _encode(self, rec: Record | BadSample) -> Example | BadSample:
         try:
@@ -459,7 +469,7 @@ class Loader:
         except BadSample as e:
             return e
 
-    def batch(self, n: int) -> list[Example]:
+    def _draw(self, n: int) -> list[Example]:
         out: list[Example] = []
         bad_in_a_row = 0
         while len(out) < n:
@@ -476,12 +486,32 @@ class Loader:
                 raise ConfigError(f"every sample is bad; skipped so far: {dict(self.skipped)}")
         return out
 
+    def batch(self, n: int) -> list[Example]:
+        if self.group_by_length <= 1:
+            return self._draw(n)
+        if not self.queue:
+            self.group_start = self._plain_state()
+            group = sorted(self._draw(n * self.group_by_length),
+                           key=lambda e: 0 if e.input_ids is None else len(e.input_ids))
+            self.queue = [group[i: i + n] for i in range(0, len(group), n)]
+            random.Random(self.groups).shuffle(self.queue)
+            self.groups += 1
+            del self.queue[: self.to_skip]
+            self.to_skip = 0
+        return self.queue.pop(0)
+
+    def _plain_state(self) -> dict:
+        return {"stream": self.stream.state(), "skipped": dict(self.skipped), "groups": self.groups}
+
     def state(self) -> dict:
-        return {"stream": self.stream.state(), "skipped": dict(self.skipped)}
+        if not self.queue:
+            return self._plain_state()
+        return {**self.group_start, "served": self.group_by_length - len(self.queue)}
 
     def load_state(self, state: dict) -> None:
         self.stream.load_state(state["stream"])
         self.skipped = Counter(state["skipped"])
+        self.groups, self.to_skip, self.queue = state.get("groups", 0), state.get("served", 0), []
 
 
 # ---- collation --------------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ class Trainer:
         encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher,
                           distill_text=bool(cfg.anchor.text_weight))
         train_stream, eval_stream = build_streams(cfg.data, cfg.train.seed, self.rank, self.world)
-        self.loader = Loader(train_stream, encoder, cfg.data.num_workers)
+        self.loader = Loader(train_stream, encoder, cfg.data.num_workers, cfg.data.group_by_length)
         self.eval_loader = Loader(eval_stream, encoder, cfg.data.num_workers) if eval_stream is not None else None
         self.eval_start = self.eval_loader.state() if self.eval_loader else None
         self.step = 0
