@@ -3,6 +3,7 @@
 # Every step skips itself when its output exists, and `hovle train` resumes from its own checkpoints
 # (every 50 steps), so running `make tiny-model` again continues an interrupted run.
 # Knobs: make tiny-model TINY=runs/tiny2 TINY_TRAIN=3000 S1_ARGS='train.max_steps=100' ...
+# TINY_DEVICE=cuda trains on a GPU (the same recipe; evaluation stays on the CPU).
 
 PY        ?= python
 TINY      ?= runs/tiny
@@ -11,6 +12,7 @@ TINY_TRAIN ?= 6000
 TINY_HELDOUT ?= 200
 TINY_EVAL ?= 50
 TINY_TILES ?= 2
+TINY_DEVICE ?= cpu
 S1_ARGS   ?=
 S2_ARGS   ?=
 S3_ARGS   ?=
@@ -39,20 +41,20 @@ $(TINY)/data/DONE.json $(TINY)/init/DONE.json &:
 
 # Each stage's DONE marker is written only after `hovle train` has saved out_dir/final completely.
 $(TINY)/stage1/DONE: $(TINY)/data/DONE.json $(TINY)/init/DONE.json
-	$(TRAIN) examples/tiny/stage1_distill.yaml model.init=$(TINY)/init train.out_dir=$(TINY)/stage1 \
+	$(TRAIN) examples/tiny/stage1_distill.yaml device=$(TINY_DEVICE) model.init=$(TINY)/init train.out_dir=$(TINY)/stage1 \
 		distill.feature_cache=$(TINY)/teacher-features \
 		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}, {path: $(D)/train_text.jsonl, format: conversation}]' \
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S1_ARGS)
 	touch $@
 
 $(TINY)/stage2/DONE: $(TINY)/stage1/DONE
-	$(TRAIN) examples/tiny/stage2_align.yaml model.init=$(TINY)/stage1/final train.out_dir=$(TINY)/stage2 \
+	$(TRAIN) examples/tiny/stage2_align.yaml device=$(TINY_DEVICE) model.init=$(TINY)/stage1/final train.out_dir=$(TINY)/stage2 \
 		'data.sources=[{path: $(D)/train_caption.jsonl, format: caption}, {path: $(D)/train_text.jsonl, format: conversation, repeat: 4}]' \
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S2_ARGS)
 	touch $@
 
 $(TINY)/stage3/DONE: $(TINY)/stage2/DONE
-	$(TRAIN) examples/tiny/stage3_sft.yaml model.init=$(TINY)/stage2/final train.out_dir=$(TINY)/stage3 \
+	$(TRAIN) examples/tiny/stage3_sft.yaml device=$(TINY_DEVICE) model.init=$(TINY)/stage2/final train.out_dir=$(TINY)/stage3 \
 		'data.sources=[{path: $(D)/train_sft.jsonl, format: conversation}]' \
 		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_ARGS)
 	touch $@
