@@ -198,7 +198,8 @@ def main(argv=None) -> None:
         reference = decode_logits(model, ids, pv)
         with torch.inference_mode():  # the unquantized decode speed, for a same-run comparison
             unquantized_tps = decode_run(model, ids, pv, args.new_tokens, device)[1]
-        quantize_int8(model)
+        # random weights: random text ids stand in for the calibration text (same code path as the CLI)
+        quantize_int8(model, torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0)).to(device))
     cfg = model.config
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}   torch {torch.__version__}   dtype {args.dtype}   quantize {args.quantize or 'none'}   "

@@ -39,9 +39,9 @@ def _load(args):
     tokenizer = load_tokenizer(path)  # first: it fails fast, the weights take a while
     model = HoVLE.from_pretrained(path, dtype=DTYPES[args.dtype], device=_device(args.device))
     if args.quantize == "int8":
-        from hovle.quantize import quantize_int8
+        from hovle.quantize import calibration_ids, quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, calibration_ids(tokenizer))
     return model, tokenizer
 
 

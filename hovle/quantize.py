@@ -6,6 +6,11 @@ channels where hovle.kernels runs. Decode rows there run its VNNI GEMV, which al
 per group of 4; prefill dequantizes the weight to bf16 chunk by chunk for the dense matmul. Elsewhere
 (other CPUs, CUDA) scales are per row and decode rows take PyTorch's fused int8 GEMV, which keeps
 activations in bf16 (about as fast as bf16: it is compute-bound); prefill dequantizes and uses the matmul.
+
+Before rounding, `smooth` rescales each linear's input channels by their measured activation size (folded
+into the RMSNorm or linear in front, so the model computes the same function): channels that carry large
+activations get finer weight steps. On SmolLM2 prose this takes the int8 logits from cosine 0.9989 to 0.9993
+of bf16 (benchmarks/int8_accuracy.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hovle import kernels
+from hovle.model import DecoderLayer
+
+# Plain English for the activation statistics of `smooth` (written for this file; no benchmark text).
+CALIBRATION_TEXT = (
+    "Photosynthesis is the process by which green plants and some other organisms use sunlight to make food "
+    "from carbon dioxide and water. It takes place mainly in the leaves, whose cells hold chloroplasts, and it "
+    "releases oxygen. Most life on Earth depends on it, directly or indirectly, for energy and for the air. "
+    "Q: How many legs does a spider have? A: Eight. The meeting moved to Tuesday at 3 pm; bring the report.")
+SMOOTH_ALPHA = 0.3  # input channel c of a linear is scaled by mean|x_c| ** alpha (0: no smoothing)
 
 
 def quantize_weight(weight: Tensor, group: int) -> tuple[Tensor, Tensor]:
@@ -70,10 +84,71 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace, in place, every linear of the decoder layers and the LLM output head by an Int8Linear."""
+@torch.no_grad()
+def activation_sizes(model: nn.Module, input_ids: Tensor) -> dict[nn.Linear, Tensor]:
+    """Mean |x| per input channel [in] (fp32) of every decoder layer's wqkv, w13 and w2, over one text forward."""
+    sizes: dict[nn.Linear, Tensor] = {}
+    hooks = []
+    for layer in model.modules():
+        if isinstance(layer, DecoderLayer):
+            for lin in (layer.attention.wqkv, layer.feed_forward.w13, layer.feed_forward.w2):
+                def record(mod, inputs, output):
+                    sizes[mod] = inputs[0].detach().float().abs().reshape(-1, mod.in_features).mean(0)
+                hooks.append(lin.register_forward_hook(record))
+    try:
+        model(input_ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def _scales(size: Tensor, alpha: float) -> Tensor:
+    """[in] channel factors, size ** alpha, centred so that their geometric mean of extremes is 1."""
+    s = size.clamp(min=1e-5) ** alpha
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _scale_(t: Tensor, factor: Tensor) -> None:
+    t.copy_((t.float() * factor).to(t.dtype))
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, input_ids: Tensor, alpha: float = SMOOTH_ALPHA) -> nn.Module:
+    """Rescale, in place, the input channels of each decoder layer's wqkv, w13 and w2 by s = mean|x| ** alpha
+    (measured on `input_ids` [1, T]), and divide the producer of those inputs by s: the attention / FFN
+    RMSNorm weight, and for w2 the up-projection rows of w13 (w2's input is silu(gate) * up). The function is
+    unchanged up to rounding; the weights then round to int8 with finer steps where activations are large."""
+    sizes = activation_sizes(model, input_ids)
+    for layer in model.modules():
+        if not isinstance(layer, DecoderLayer):
+            continue
+        ff = layer.feed_forward
+        for lin, norm in ((layer.attention.wqkv, layer.attention_norm), (ff.w13, layer.ffn_norm)):
+            s = _scales(sizes[lin], alpha)
+            _scale_(lin.weight, s)
+            _scale_(norm.weight, 1 / s)
+        s = _scales(sizes[ff.w2], alpha)
+        _scale_(ff.w2.weight, s)
+        up = ff.w13.weight[ff.intermediate_size:]  # [I, hidden], a view
+        _scale_(up, 1 / s[:, None])
+        if ff.w13.bias is not None:
+            _scale_(ff.w13.bias[ff.intermediate_size:], 1 / s)
+    return model
+
+
+def quantize_int8(model: nn.Module, calibration_ids: Tensor | None = None) -> nn.Module:
+    """Replace, in place, every linear of the decoder layers and the LLM output head by an Int8Linear, after
+    `smooth` on `calibration_ids` [1, T] (text token ids, e.g. `calibration_ids(tokenizer)`) when given."""
+    if calibration_ids is not None:
+        smooth(model, calibration_ids)
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, nn.Linear) and (name in ("wqkv", "wo", "w13", "w2", "output"))]
     for parent, name in targets:
         setattr(parent, name, Int8Linear(getattr(parent, name)))
     return model
+
+
+def calibration_ids(tokenizer) -> Tensor:
+    """[1, T] ids of CALIBRATION_TEXT, the input `quantize_int8` measures activation sizes on."""
+    return torch.tensor([tokenizer.encode(CALIBRATION_TEXT)])

@@ -7,9 +7,28 @@ import torch
 from safetensors.torch import load_file
 
 from hovle import HoVLE, kernels
-from hovle.quantize import Int8Linear, quantize_int8, quantize_weight
+from hovle.quantize import Int8Linear, quantize_int8, quantize_weight, smooth
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hovle-tiny-internlm2"
+CALIBRATION = torch.randint(3, 1000, (1, 48), generator=torch.Generator().manual_seed(0))  # text ids
+
+
+def test_smoothing_keeps_the_function_and_rescales_the_weights():
+    e = load_file(FIXTURE / "expected.safetensors")
+    model = HoVLE.from_pretrained(FIXTURE, dtype=torch.float32)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref = model(e["input_ids"], e["pixel_values"]).logits
+        smooth(model, CALIBRATION)
+        got = model(e["input_ids"], e["pixel_values"]).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for part in ("embedding_model", "language_model"):
+        for i in range(2):
+            for name in ("attention_norm.weight", "ffn_norm.weight", "attention.wqkv.weight",
+                         "feed_forward.w13.weight", "feed_forward.w2.weight"):
+                assert any(n.startswith(part) and n.endswith(f"layers.{i}.{name}") for n in changed), (part, i, name)
+    assert not any(n.endswith(("wo.weight", "output.weight")) for n in changed)
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False])  # per-group scales and our GEMV, or per-row and PyTorch's
@@ -20,7 +39,7 @@ def test_int8_close_to_bf16_and_generates(monkeypatch, cpu_kernels):
     model = HoVLE.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(e["input_ids"], e["pixel_values"]).logits.float()
-        quantize_int8(model)
+        quantize_int8(model, CALIBRATION)  # as --quantize int8 does
         got = model(e["input_ids"], e["pixel_values"]).logits.float()
     n_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
     assert n_int8 == 4 * 4 + 1  # 4 linears x (2 + 2) layers + the LLM head
