@@ -12,7 +12,7 @@ from PIL import Image
 from hovle import HoVLE, load_image, load_tokenizer
 from hovle.chat import IMG_CONTEXT, expand_images, get_template
 from hovle.cli import main
-from hovle.quantize import quantize_int8
+from hovle.quantize import calibration_ids, quantize_int8
 
 from conftest import FIXTURES, model_for_fixture_tokenizer
 
@@ -132,9 +132,10 @@ def test_cli_chat_quantized(checkpoint, tmp_path, capsys):
     Image.new("RGB", (90, 60), "blue").save(tmp_path / "x.png")
     args = ["--model", str(checkpoint), "--image", str(tmp_path / "x.png"), "--max-new-tokens", "6", "What is it?"]
     assert main(["chat", "--quantize", "int8", *args]) == 0
-    model = quantize_int8(HoVLE.from_pretrained(checkpoint, dtype=torch.bfloat16))
-    expected = model.chat(load_tokenizer(checkpoint), load_image(tmp_path / "x.png", input_size=56).bfloat16(),
-                          "What is it?", dict(max_new_tokens=6))
+    tok = load_tokenizer(checkpoint)
+    model = quantize_int8(HoVLE.from_pretrained(checkpoint, dtype=torch.bfloat16), calibration_ids(tok))
+    expected = model.chat(tok, load_image(tmp_path / "x.png", input_size=56).bfloat16(), "What is it?",
+                          dict(max_new_tokens=6))
     assert capsys.readouterr().out == expected + "\n"
 
 
