@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,9 @@ def test_tiny_configs_are_valid(path):
 
     cfg = TrainConfig.load(path)
     assert cfg.train.out_dir.startswith("runs/tiny/") and cfg.train.save_every > 0
+    images = int(re.search(r"^TINY_TRAIN \?= (\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1))
     epochs = 8 if cfg.stage == "distill" else 1  # Stage I (cached teacher targets, no text to memorise) repeats images
-    assert cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum <= 6000 * epochs
+    assert cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum <= images * epochs
     assert cfg.stage != "sft" or cfg.lora.enabled
 
 
