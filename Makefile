@@ -8,7 +8,7 @@
 PY        ?= python
 TINY      ?= runs/tiny
 TINY_SEED ?= 0
-TINY_TRAIN ?= 8000
+TINY_TRAIN ?= 6000
 TINY_HELDOUT ?= 200
 TINY_EVAL ?= 50
 TINY_TILES ?= 2

@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("prepare", help="write data splits and the step-0 checkpoint (skips finished parts)")
     a.add_argument("--out", default="runs/tiny")
-    a.add_argument("--train", type=int, default=8000, help="training images (one caption + one chat each)")
+    a.add_argument("--train", type=int, default=6000, help="training images (one caption + one chat each)")
     a.add_argument("--heldout", type=int, default=200, help="held-out images (eval_loss)")
     a.add_argument("--eval-per-type", type=int, default=50, help="eval questions per type (eval.jsonl)")
     a.add_argument("--seed", type=int, default=0)
