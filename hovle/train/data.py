@@ -450,7 +450,7 @@ class Loader:
 
     With `group_by_length` = k > 1, k micro-batches are drawn at once, sorted by length, cut into batches and
     served in a seeded random order: a batch pads to its own longest sample, so grouping similar lengths cuts
-    the padded tokens (HoVLE-Tiny Stage III at batch 8: 61% real tokens alone, 9x% grouped by 8).
+    the padded tokens (HoVLE-Tiny Stage III at batch 8: 61% real tokens alone, 84% grouped by 8).
     """
 
     def __init__(self, stream: MapStream | ShardStream, encoder: Encoder, num_workers: int = 0,
