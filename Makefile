@@ -4,6 +4,10 @@
 # (every 50 steps), so running `make tiny-model` again continues an interrupted run.
 # Knobs: make tiny-model TINY=runs/tiny2 TINY_TRAIN=3000 S1_ARGS='train.max_steps=100' ...
 # TINY_DEVICE=cuda trains on a GPU (the same recipe; evaluation stays on the CPU).
+# TINY_S3_POOL=16 renders 16 x 1000 fresh images for Stage III (pool_sft.jsonl) instead of reusing the train
+# split: the shipped model's budget, a GPU one (docs/hovle-tiny.md):
+#   make tiny-model TINY_DEVICE=cuda TINY_S3_POOL=16 S3_ARGS='train.micro_batch_size=32 train.max_steps=600 \
+#     train.eval_every=200 data.num_workers=12'
 
 PY        ?= python
 TINY      ?= runs/tiny
@@ -13,12 +17,20 @@ TINY_HELDOUT ?= 200
 TINY_EVAL ?= 50
 TINY_TILES ?= 2
 TINY_DEVICE ?= cpu
+TINY_S3_POOL ?= 0
 S1_ARGS   ?=
 S2_ARGS   ?=
 S3_ARGS   ?=
 EVAL_ARGS ?=
 
 D := $(TINY)/data
+ifeq ($(TINY_S3_POOL),0)
+S3_DATA := $(D)/train_sft.jsonl
+S3_POOL :=
+else
+S3_DATA := $(D)/pool_sft.jsonl
+S3_POOL := $(S3_DATA)
+endif
 TRAIN := $(PY) -m hovle.train
 
 .PHONY: tiny-model tiny-prepare tiny-stage1 tiny-stage2 tiny-stage3 tiny-ship tiny-eval tiny-vlmeval tiny-install tiny-clean
@@ -53,9 +65,12 @@ $(TINY)/stage2/DONE: $(TINY)/stage1/DONE
 		'data.eval_sources=[{path: $(D)/heldout_caption.jsonl, format: caption}]' $(S2_ARGS)
 	touch $@
 
-$(TINY)/stage3/DONE: $(TINY)/stage2/DONE
+$(D)/pool_sft.jsonl: $(TINY)/data/DONE.json
+	$(PY) -m hovle.tiny.pipeline pool --out $(TINY) --splits $(TINY_S3_POOL)
+
+$(TINY)/stage3/DONE: $(TINY)/stage2/DONE $(S3_POOL)
 	$(TRAIN) examples/tiny/stage3_sft.yaml device=$(TINY_DEVICE) model.init=$(TINY)/stage2/final train.out_dir=$(TINY)/stage3 \
-		'data.sources=[{path: $(D)/train_sft.jsonl, format: conversation}]' \
+		'data.sources=[{path: $(S3_DATA), format: conversation}]' \
 		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_ARGS)
 	touch $@
 

@@ -154,6 +154,21 @@ def test_dataset_files(tmp_path):
         (r["meta"]["question"], r["meta"]["expected"], r["meta"]["qtype"]) for r in rows]
 
 
+def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path):
+    from hovle.tiny.pipeline import pool
+
+    report = pool(tmp_path, splits=2, images=3, seed=300, workers=2)
+    data = tmp_path / "data"
+    assert report["images"] == 6 and (data / "pool_DONE.json").is_file()
+    parts = [(data / f"pool{k:02d}_sft.jsonl").read_text() for k in range(2)]
+    assert (data / "pool_sft.jsonl").read_text() == "".join(parts) and parts[0] != parts[1]
+    D.write_split(tmp_path / "train", "train", 3, seed=0)
+    assert not {p.read_bytes() for p in (data / "images").rglob("*.png")} & {
+        p.read_bytes() for p in (tmp_path / "train" / "images").rglob("*.png")}
+    (data / "pool_sft.jsonl").unlink()
+    assert pool(tmp_path, splits=2, images=3) == report  # finished: skipped, the marker's report returned
+
+
 def test_some_turns_use_the_benchmarks_short_answer_form():
     """hovle eval's VQA prompt (question + SHORT_ANSWER) is in the training data, answered with the bare answer."""
     short = total = 0

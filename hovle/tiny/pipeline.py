@@ -1,6 +1,7 @@
 """HoVLE-Tiny end to end: the steps around `hovle train` (data + init checkpoint, and evaluation).
 
     python -m hovle.tiny.pipeline prepare  --out runs/tiny [--train N --heldout N --eval-per-type N ...]
+    python -m hovle.tiny.pipeline pool     --out runs/tiny --splits 16      # optional: fresh Stage III images
     hovle train examples/tiny/stage1_distill.yaml      # Stage I  -> runs/tiny/stage1/final
     hovle train examples/tiny/stage2_align.yaml        # Stage II -> runs/tiny/stage2/final
     hovle train examples/tiny/stage3_sft.yaml          # Stage III (LoRA, merged) -> runs/tiny/stage3/final
@@ -68,6 +69,42 @@ def prepare(out: str | Path, n_train: int, n_heldout: int, n_eval_per_type: int,
                           "parameters": model.num_parameters()}
         _write_json(init_dir / DONE, report["init"])
         print(f"prepare: wrote {init_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
+    return report
+
+
+def _pool_split(args: tuple[Path, str, int, int]) -> str:
+    from hovle.tiny import data as D
+
+    root, name, n_images, seed = args
+    D.write_split(root, name, n_images, seed)
+    return name
+
+
+def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, workers: int | None = None) -> dict[str, Any]:
+    """Render `splits` x `images` fresh scenes (seeds seed..seed+splits-1, disjoint from prepare's streams) into
+    out/data and concatenate their chats into out/data/pool_sft.jsonl: a Stage III pool larger than the
+    train split, for budgets that see more samples than it holds (the shipped model: 600 x 32 on one GPU)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    data_dir = Path(out) / "data"
+    marker = data_dir / "pool_DONE.json"
+    if marker.is_file():
+        print(f"pool: {marker} exists, skipped")
+        return json.loads(marker.read_text())
+    t = time.perf_counter()
+    names = [f"pool{k:02d}" for k in range(splits)]
+    jobs = [(data_dir, name, images, seed + k) for k, name in enumerate(names)]
+    with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
+        for name in ex.map(_pool_split, jobs):
+            print(f"pool: wrote {name}")
+    tmp = data_dir / "pool_sft.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for name in names:
+            f.write((data_dir / f"{name}_sft.jsonl").read_text(encoding="utf-8"))
+    os.replace(tmp, data_dir / "pool_sft.jsonl")
+    report = {"splits": splits, "images": splits * images, "seed": seed, "seconds": round(time.perf_counter() - t, 1)}
+    _write_json(marker, report)
+    print(f"pool: {report['images']} images in {report['seconds']} s -> {data_dir / 'pool_sft.jsonl'}")
     return report
 
 
@@ -277,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-tiles", type=int, default=2, help="the model's max_dynamic_patch")
     a.add_argument("--embedding-layers", type=int, default=3)
+    o = sub.add_parser("pool", help="render extra images for Stage III into out/data/pool_sft.jsonl")
+    o.add_argument("--out", default="runs/tiny")
+    o.add_argument("--splits", type=int, required=True, help="splits of --images each, rendered in parallel")
+    o.add_argument("--images", type=int, default=1000)
+    o.add_argument("--seed", type=int, default=300, help="split k uses seed + k")
+    o.add_argument("--workers", type=int, help="processes (default: all cores)")
     s = sub.add_parser("ship", help="write the shipped form (embedding module + low-rank LLM deltas) of a trained model")
     s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
     s.add_argument("--out", required=True)
@@ -297,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         prepare(args.out, args.train, args.heldout, args.eval_per_type, args.seed, args.max_tiles,
                 args.embedding_layers)
+    elif args.command == "pool":
+        pool(args.out, args.splits, args.images, args.seed, args.workers)
     elif args.command == "probe":
         probe(args.model, args.scenes, args.n)
     elif args.command == "ship":
