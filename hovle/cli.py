@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_MODEL = "hovle-tiny"  # the embedded default model, once `make tiny-install` has put it in the package
+DEFAULT_MODEL = "hovle-tiny"  # the embedded default model (hovle/tiny/hovle-tiny/)
 MODEL_HELP = "checkpoint folder (official HoVLE / HoVLE-HD layout), or hovle-tiny (default)"
 
 

