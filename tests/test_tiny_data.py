@@ -154,8 +154,8 @@ def test_dataset_files(tmp_path):
         (r["meta"]["question"], r["meta"]["expected"], r["meta"]["qtype"]) for r in rows]
 
 
-def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path):
-    from hovle.tiny.pipeline import pool
+def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path, capsys):
+    from hovle.tiny.pipeline import main, pool
 
     report = pool(tmp_path, splits=2, images=3, seed=300, workers=2)
     data = tmp_path / "data"
@@ -167,6 +167,9 @@ def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path):
         p.read_bytes() for p in (tmp_path / "train" / "images").rglob("*.png")}
     (data / "pool_sft.jsonl").unlink()
     assert pool(tmp_path, splits=2, images=3) == report  # finished: skipped, the marker's report returned
+    with pytest.raises(SystemExit):
+        main(["pool", "--out", str(tmp_path / "none"), "--splits", "0"])
+    assert "pool needs splits >= 1" in capsys.readouterr().err
 
 
 def test_some_turns_use_the_benchmarks_short_answer_form():

@@ -86,6 +86,8 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
     train split, for budgets that see more samples than it holds (the shipped model: 600 x 32 on one GPU)."""
     from concurrent.futures import ProcessPoolExecutor
 
+    if splits < 1 or images < 1:
+        raise ValueError(f"pool needs splits >= 1 and images >= 1, got {splits} x {images}")
     data_dir = Path(out) / "data"
     marker = data_dir / "pool_DONE.json"
     if marker.is_file():
@@ -341,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.out, args.train, args.heldout, args.eval_per_type, args.seed, args.max_tiles,
                 args.embedding_layers)
     elif args.command == "pool":
-        pool(args.out, args.splits, args.images, args.seed, args.workers)
+        try:
+            pool(args.out, args.splits, args.images, args.seed, args.workers)
+        except ValueError as e:
+            p.error(str(e))
     elif args.command == "probe":
         probe(args.model, args.scenes, args.n)
     elif args.command == "ship":
