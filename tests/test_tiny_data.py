@@ -241,22 +241,11 @@ def test_score_answer_ignores_items_named_in_the_question():
         D.score_answer("color", "red", "magenta")
 
 
-def test_text_chat_and_distillation(tmp_path):
-    class Model:
-        def batch_chat(self, tokenizer, pixel_values, questions, generation_config):
-            assert pixel_values is None
-            return [q.upper() if "capital" in q else "word " * 50 for q in questions]
-
-    class Tok:
-        def encode(self, text, add_special_tokens=True):
-            return text.split()
-
-    pairs = D.distill_text_samples(Model(), Tok(), ["What is the capital of Japan?", "Tell me a story."],
-                                   max_new_tokens=20)
-    assert pairs == [("What is the capital of Japan?", "WHAT IS THE CAPITAL OF JAPAN?")]  # truncated one dropped
+def test_text_chats_are_spread_through_the_sft_split(tmp_path):
+    pairs = [("What is the capital of Japan?", "Tokyo is the capital of Japan.")]
     info = D.write_split(tmp_path, "train", 9, seed=1, text_samples=pairs, text_fraction=0.25)
     rows = [json.loads(x) for x in (tmp_path / "train_sft.jsonl").read_text().splitlines()]
     text_rows = [r for r in rows if "image" not in r]
     assert len(text_rows) == info["text_only"] == 3
     assert text_rows[0]["conversations"][1]["value"] == pairs[0][1]
-    assert len(D.TEXT_CHAT) >= 20 and len(D.DISTILL_PROMPTS) >= 30
+    assert len(D.TEXT_CHAT) >= 20

@@ -254,6 +254,18 @@ def test_greedy_chat_answer(tiny, tok):
     assert "Paris" in reply, reply
 
 
+def test_self_chat_writes_finished_questions_and_replies(tiny, tok):
+    """SmolLM2 writes its own questions from the bare template (Magpie) and answers them; pairs whose reply
+    hit the token budget are dropped."""
+    from hovle.tiny.data import self_chat
+
+    pairs = self_chat(tiny, tok, n=2, seed=0, batch_size=4, max_question_tokens=48, max_reply_tokens=160)
+    assert 1 <= len(pairs) <= 2
+    for question, reply in pairs:
+        assert question and reply and "<|im" not in question + reply, (question, reply)
+        assert len(tok.encode(reply, add_special_tokens=False)) < 158
+
+
 # ---- the shipped form (hovle.tiny.ship) ---------------------------------------------------------------------
 
 

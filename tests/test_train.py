@@ -639,6 +639,59 @@ def test_anchor_terms_hold_the_llms_input_scale_in_lm_stages(tmp_path, base, dat
     assert end[10.0][1] < start[1] and end[10.0][1] < 0.5 * end[0.0][1], (start, end)
 
 
+def _text_kl(model: HoVLE, reference: HoVLE, ids: torch.Tensor) -> float:
+    """Mean over positions of KL(reference LLM alone || whole model) on a text-only row, computed plainly."""
+    with torch.no_grad():
+        p = reference.language_model(reference.language_model.tok_embeddings(ids)).log_softmax(-1)
+        q = model(ids).logits.log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_language_kl_term_is_the_kl_on_image_free_rows_only(tmp_path, base, data, tok):
+    """The summed term equals a plain KL(reference || model) over every valid position of the batch's
+    image-free rows (right-padded), and the rows with images add nothing to it."""
+    cfg = config(tmp_path, base, data, "sft", anchor__language_kl_weight=1.0, data__shuffle=False)
+    trainer = Trainer(cfg)
+    b = trainer._batch(trainer.loader)
+    ctx = trainer.model.config.embedding.img_context_token_id
+    text_rows = [i for i in range(len(b["input_ids"])) if not (b["input_ids"][i] == ctx).any()]
+    assert text_rows and len(text_rows) < len(b["input_ids"])  # the fixture's first 4 samples mix both kinds
+    with torch.no_grad():
+        got = float(trainer.module(b)["language_kl"])
+    reference = HoVLE.from_pretrained(base["pre"])
+    want = 0.0
+    for i in text_rows:
+        ids = b["input_ids"][i][b["attention_mask"][i].bool()][None]
+        want += _text_kl(trainer.model, reference, ids) * ids.shape[1]
+    assert b["language_kl_tokens"] == sum(int(b["attention_mask"][i].sum()) for i in text_rows)
+    assert got > 0 and math.isclose(got, want, rel_tol=1e-4), (got, want)
+
+
+def test_language_kl_keeps_text_chat_near_the_reference(tmp_path, base, data):
+    """SFT at a high lr moves the model's predictions on the training chats' text away from the frozen LLM's;
+    anchor.language_kl_weight pulls them back (the tiny random model's embedding module starts far from an
+    identity, so the KL starts high)."""
+    reference = HoVLE.from_pretrained(base["pre"])
+    cfg = {w: config(tmp_path / f"w{w}", base, data, "sft", train__max_steps=20, anchor__language_kl_weight=w)
+           for w in (0.0, 10.0)}
+    trainer = Trainer(cfg[10.0])
+    b = trainer._batch(trainer.loader)
+    mask, ctx = b["attention_mask"].bool(), reference.config.embedding.img_context_token_id
+    rows = [ids[m][None] for ids, m in zip(b["input_ids"], mask) if not (ids == ctx).any()]
+    trained = {w: HoVLE.from_pretrained(train(c)) for w, c in cfg.items()}
+    start = np.mean([_text_kl(reference, reference, ids) for ids in rows])
+    kl = {w: np.mean([_text_kl(m, reference, ids) for ids in rows]) for w, m in trained.items()}
+    # measured: 10.6 at the start, 10.5 after 20 steps without the term, 2.3 with it
+    assert rows and kl[10.0] < 0.3 * kl[0.0] and kl[10.0] < 0.3 * start, (start, kl)
+
+
+def test_language_kl_needs_a_checkpoint_and_an_lm_stage(tmp_path, base, data):
+    with pytest.raises(ConfigError, match="language_kl_weight is for stages align and sft"):
+        config(tmp_path, base, data, "distill", anchor__language_kl_weight=1.0)
+    with pytest.raises(ConfigError, match="language_reference 'nowhere' is not a checkpoint folder"):
+        Trainer(config(tmp_path, base, data, "sft", anchor__language_kl_weight=1.0, anchor__language_reference="nowhere"))
+
+
 # ---- LoRA -------------------------------------------------------------------------------------------------------
 
 

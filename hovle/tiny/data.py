@@ -806,44 +806,44 @@ TEXT_CHAT: tuple[tuple[str, str], ...] = (
                         "The Sun is the closest star to Earth."),
 )
 
-# Prompts for self-distillation: SmolLM2 answers them itself (`distill_text_samples`), keeping its own style.
-DISTILL_PROMPTS: tuple[str, ...] = (
-    "What is the capital of Japan?", "Explain gravity in two sentences.", "Write a short poem about the moon.",
-    "Give me a recipe idea for a quick breakfast.", "What are the benefits of regular exercise?",
-    "How do I make a cup of tea?", "What is the difference between weather and climate?",
-    "Tell me a fun fact about octopuses.", "Write a Python function that checks if a number is even.",
-    "What is machine learning?", "Describe a rainbow to someone who has never seen one.",
-    "Why is the sky blue?", "Give me three ideas for a birthday present.", "What is the speed of light?",
-    "How many continents are there? Name them.", "Write a friendly email inviting a colleague to lunch.",
-    "What does a shape with eight sides called?", "Explain what a noun is.", "What is the square root of 81?",
-    "Suggest a title for a story about a lost cat.", "How do plants grow?", "What is the tallest mountain on Earth?",
-    "Give me a tip for learning a new language.", "What is the freezing point of water?",
-    "Summarize the story of Cinderella in three sentences.", "What is an atom?", "Tell me a short joke.",
-    "How do you say 'thank you' in French?", "What is the difference between a circle and a sphere?",
-    "Write a sentence using the word 'bright'.", "List five animals that live in the ocean.",
-    "What is recycling and why is it important?", "How many minutes are there in two hours?",
-    "Explain what a computer program is.", "What colour are bananas when they are ripe?",
-    "Write a two-line rhyme about rain.", "What is the main ingredient of guacamole?",
-    "Who painted the Mona Lisa?", "What should I pack for a day at the beach?", "What is a prime number?",
-)
+def self_chat(model, tokenizer, n: int, seed: int = 0, batch_size: int = 16, max_question_tokens: int = 64,
+              max_reply_tokens: int = 256) -> list[tuple[str, str]]:
+    """(question, reply) pairs the LLM writes itself, for text-only chat in its own distribution.
 
-
-def distill_text_samples(model, tokenizer, prompts: Iterable[str] = DISTILL_PROMPTS, max_new_tokens: int = 160,
-                         batch_size: int = 8) -> list[tuple[str, str]]:
-    """(prompt, reply) pairs answered by the model itself (greedy): self-distillation for text-only chat.
-
-    Keep replies that ended on their own (hit the stop token before max_new_tokens); truncated ones are
-    dropped so the model is never taught to stop mid-sentence.
+    Magpie-style: given only its chat template up to the user turn, an instruct model samples a plausible user
+    question (temperature 1, top-p 0.95); it then answers that question (temperature 0.7). Questions or replies
+    that did not reach the stop token within their budget are dropped, so no sample stops mid-sentence.
+    Stops after `n` pairs or after 4n questions tried.
     """
-    prompts = list(prompts)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        replies = model.batch_chat(tokenizer, None, chunk, dict(max_new_tokens=max_new_tokens, do_sample=False))
-        for p, r in zip(chunk, replies):
-            if r and len(tokenizer.encode(r, add_special_tokens=False)) < max_new_tokens - 2:
-                out.append((p, r))
-    return out
+    import torch
+    from tqdm import tqdm
+
+    from hovle.chat import get_template
+    from hovle.generation import generate
+
+    template = get_template(model.config.template)
+    stop = tokenizer.convert_tokens_to_ids(template.stop_token)
+    prefix = tokenizer.encode(template.system_prefix + template.system_message + template.sep + template.user)
+    g = torch.Generator().manual_seed(seed)
+    out: list[tuple[str, str]] = []
+    tried = 0
+    bar = tqdm(total=n, desc="self-chat", unit="chat", disable=None)
+    while len(out) < n and tried < 4 * n:
+        ids = generate(model, torch.tensor([prefix] * batch_size), generator=g, max_new_tokens=max_question_tokens,
+                       do_sample=True, temperature=1.0, top_p=0.95, eos_token_id=stop, pad_token_id=stop).tolist()
+        tried += batch_size
+        questions = [tokenizer.decode(r[:r.index(stop)], skip_special_tokens=True).strip() for r in ids if stop in r]
+        questions = [q for q in questions if q]
+        if not questions:
+            continue
+        replies = model.batch_chat(tokenizer, None, questions, dict(max_new_tokens=max_reply_tokens, do_sample=True,
+                                                                    temperature=0.7, top_p=0.9), generator=g)
+        kept = [(q, r) for q, r in zip(questions, replies)
+                if r and len(tokenizer.encode(r, add_special_tokens=False)) < max_reply_tokens - 2]
+        bar.update(min(len(kept), n - len(out)))
+        out += kept
+    bar.close()
+    return out[:n]
 
 
 # ---- samples and writers ------------------------------------------------------------------------------------------
@@ -894,7 +894,7 @@ def _save_png(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
@@ -931,10 +931,10 @@ def write_split(root: str | Path, split: str, n_images: int, seed: int, text_sam
             sft.append(text_sample(texts[(seed + t_done) % len(texts)]))
             t_done += 1
     paths = {k: root / f"{split}_{k}.jsonl" for k in ("sft", "caption", "scenes", "text")}
-    _write_jsonl(paths["sft"], sft)
-    _write_jsonl(paths["caption"], caps)
-    _write_jsonl(paths["scenes"], scenes)
-    _write_jsonl(paths["text"], (row for row in sft if "image" not in row))  # Stage II's text anchor
+    write_jsonl(paths["sft"], sft)
+    write_jsonl(paths["caption"], caps)
+    write_jsonl(paths["scenes"], scenes)
+    write_jsonl(paths["text"], (row for row in sft if "image" not in row))  # Stage II's text anchor
     return {"images": n_images, "text_only": n_text, "sft_rows": len(sft), **{k: str(p) for k, p in paths.items()}}
 
 
@@ -985,7 +985,7 @@ def write_eval(root: str | Path, n_per_type: int, seed: int, qtypes: Iterable[st
                                   "accepted": qa["accepted"], "scene": scene}})
             index += 1
     path = root / f"{split}.jsonl"
-    _write_jsonl(path, rows)
+    write_jsonl(path, rows)
     tsv = write_eval_tsv(root, rows)
     return {"rows": len(rows), "path": str(path), "tsv": str(tsv),
             "per_type": dict(Counter(r["meta"]["qtype"] for r in rows))}

@@ -2,6 +2,7 @@
 
     python -m hovle.tiny.pipeline prepare  --out runs/tiny [--train N --heldout N --eval-per-type N ...]
     python -m hovle.tiny.pipeline pool     --out runs/tiny --splits 16      # optional: fresh Stage III images
+    python -m hovle.tiny.pipeline selfchat --out runs/tiny                  # SmolLM2's own chats (Stage III KL)
     hovle train examples/tiny/stage1_distill.yaml      # Stage I  -> runs/tiny/stage1/final
     hovle train examples/tiny/stage2_align.yaml        # Stage II -> runs/tiny/stage2/final
     hovle train examples/tiny/stage3_sft.yaml          # Stage III (LoRA, merged) -> runs/tiny/stage3/final
@@ -107,6 +108,30 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
     report = {"splits": splits, "images": splits * images, "seed": seed, "seconds": round(time.perf_counter() - t, 1)}
     _write_json(marker, report)
     print(f"pool: {report['images']} images in {report['seconds']} s -> {data_dir / 'pool_sft.jsonl'}")
+    return report
+
+
+def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
+    """Write `out/data/selfchat_sft.jsonl`: `n` text-only chats the step-0 LLM (SmolLM2) writes itself
+    (`hovle.tiny.data.self_chat`), for Stage III's language-keeping KL term. Skipped when it exists."""
+    import torch
+
+    from hovle import HoVLE, load_tokenizer
+    from hovle.tiny import data as D
+
+    path = Path(out) / "data" / "selfchat_sft.jsonl"
+    if path.is_file():
+        print(f"selfchat: {path} exists, skipped")
+        return {"path": str(path), "skipped": True}
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    t = time.perf_counter()
+    model = HoVLE.from_pretrained(model_dir, dtype=torch.bfloat16)
+    pairs = D.self_chat(model, load_tokenizer(model_dir), n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    D.write_jsonl(path, (D.text_sample(p) for p in pairs))
+    report = {"path": str(path), "chats": len(pairs), "seconds": round(time.perf_counter() - t, 1)}
+    print(f"selfchat: {len(pairs)} chats in {report['seconds']} s -> {path}")
     return report
 
 
@@ -322,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--images", type=int, default=1000)
     o.add_argument("--seed", type=int, default=300, help="split k uses seed + k")
     o.add_argument("--workers", type=int, help="processes (default: all cores)")
+    c = sub.add_parser("selfchat", help="text-only chats the LLM writes itself, into out/data/selfchat_sft.jsonl")
+    c.add_argument("--out", default="runs/tiny")
+    c.add_argument("--model", help="whose LLM writes them (default: out/init, i.e. SmolLM2)")
+    c.add_argument("--n", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("ship", help="write the shipped form (embedding module + low-rank LLM deltas) of a trained model")
     s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
     s.add_argument("--out", required=True)
@@ -345,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pool":
         try:
             pool(args.out, args.splits, args.images, args.seed, args.workers)
+        except ValueError as e:
+            p.error(str(e))
+    elif args.command == "selfchat":
+        try:
+            selfchat(args.out, args.model or Path(args.out) / "init", args.n, args.seed)
         except ValueError as e:
             p.error(str(e))
     elif args.command == "probe":

@@ -135,13 +135,22 @@ def anchor_text_mask(ids: Tensor, valid: Tensor | None, cfg) -> Tensor:
     return keep if valid is None else keep & valid.bool()
 
 
+def language_kl_mask(ids: Tensor, valid: Tensor | None, cfg) -> Tensor:
+    """[B, T] bool: the valid positions of rows without image tokens, where the LLM alone (reading its own
+    embeddings) is a fair reference for the next token: anchor.language_kl_weight."""
+    text_rows = ~(ids == cfg.embedding.img_context_token_id).any(1, keepdim=True)
+    return text_rows.expand_as(ids) if valid is None else text_rows & valid.bool()
+
+
 class StageModule(nn.Module):
     """The model plus stage-specific training parts; forward returns per-term loss *sums* (what DDP wraps)."""
 
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
-                 head: DistillHead | None = None, anchor: AnchorConfig | None = None):
+                 head: DistillHead | None = None, anchor: AnchorConfig | None = None,
+                 reference: nn.Module | None = None):
         super().__init__()
         self.model, self.stage, self.head = model, stage, head
+        self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
         self.distill, self.anchor = distill or DistillConfig(), anchor or AnchorConfig()
         self.text_rms = None  # the scale the LLM reads its own inputs at: only the image_rms term needs it
         if self.anchor.image_rms_weight:
@@ -175,7 +184,22 @@ class StageModule(nn.Module):
             out["text"] = self._text_anchor(x, ids, anchor_text_mask(ids, b["attention_mask"], m.config))
         if self.anchor.image_rms_weight:
             out["image_rms"] = self._image_rms(x[ids == m.config.embedding.img_context_token_id])
+        if self.reference is not None:
+            out["language_kl"] = self._language_kl(h, ids, language_kl_mask(ids, b["attention_mask"], m.config))
         return out
+
+    def _language_kl(self, h: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Sum over `mask` positions of KL(reference || model) of the next-token distributions, in fp32."""
+        rows = mask.any(1)
+        if not bool(rows.any()):
+            return h.sum() * 0.0  # keeps every process's graph the same shape under DDP
+        lm, ref = self.model.language_model, self.reference
+        keep = mask[rows]
+        student = lm.output(lm.norm(h[rows][keep])).float().log_softmax(-1)  # [K, V]
+        with torch.no_grad():
+            x = ref.tok_embeddings(ids[rows])
+            target = ref(x, keep).float()[keep].log_softmax(-1)  # [K, V]
+        return F.kl_div(student, target, log_target=True, reduction="sum")
 
     def _distill(self, b: dict) -> dict[str, Tensor]:
         m = self.model
@@ -208,12 +232,15 @@ class StageModule(nn.Module):
 def loss_terms(cfg: TrainConfig) -> list[str]:
     """The loss terms this run sums, in logging order (an anchor term only where its weight is set)."""
     terms = ["image"] if cfg.stage == "distill" else ["lm"]
-    return terms + [k for k, w in (("text", cfg.anchor.text_weight), ("image_rms", cfg.anchor.image_rms_weight)) if w]
+    a = cfg.anchor
+    return terms + [k for k, w in (("text", a.text_weight), ("image_rms", a.image_rms_weight),
+                                   ("language_kl", a.language_kl_weight)) if w]
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
     """How many tokens each loss term sums over in this micro-batch (the normaliser's share)."""
-    counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"]}
+    counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"],
+              "language_kl": batch.get("language_kl_tokens", 0)}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
     tf = batch["teacher_features"]
@@ -299,7 +326,7 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor).to(self.device)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, self._language_reference()).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -334,6 +361,21 @@ class Trainer:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
         return teacher, head
 
+    def _language_reference(self) -> nn.Module | None:
+        """The frozen LLM that anchor.language_kl_weight keeps text chat close to (loaded before LoRA or
+        freezing touch the model being trained)."""
+        a = self.cfg.anchor
+        if not a.language_kl_weight:
+            return None
+        path = a.language_reference or self.cfg.model.init
+        if not Path(path).is_dir():
+            raise ConfigError(f"anchor.language_reference {path!r} is not a checkpoint folder")
+        ref = HoVLE.from_pretrained(path, dtype=torch.float32, device=self.device).language_model
+        if ref.cfg.vocab_size != self.model.config.llm.vocab_size:
+            raise ConfigError(f"anchor.language_reference {path}: vocab_size {ref.cfg.vocab_size} is not the "
+                              f"model's {self.model.config.llm.vocab_size}")
+        return ref.eval().requires_grad_(False)
+
     def _parallelize(self) -> nn.Module:
         if self.world == 1:
             return self.module
@@ -358,6 +400,7 @@ class Trainer:
             batch = collate_lm(examples, pad, self.cfg.data.pad_to_multiple)
             ids, valid = batch["input_ids"], batch["attention_mask"]
             batch["llm_image_tokens"] = int((ids == mc.embedding.img_context_token_id).sum())
+            batch["language_kl_tokens"] = int(language_kl_mask(ids, valid, mc).sum())
         else:
             batch = collate_distill(examples, pad)
             batch["n_image_tokens"] = mc.num_embedding_image_token
@@ -381,7 +424,8 @@ class Trainer:
 
     def _weights(self) -> dict[str, float]:
         a = self.cfg.anchor
-        return {"lm": 1.0, "image": self.cfg.distill.image_weight, "text": a.text_weight, "image_rms": a.image_rms_weight}
+        return {"lm": 1.0, "image": self.cfg.distill.image_weight, "text": a.text_weight, "image_rms": a.image_rms_weight,
+                "language_kl": a.language_kl_weight}
 
     # ---- one optimizer step ----
 
