@@ -8,6 +8,7 @@
 # split: the shipped model's budget, a GPU one (docs/hovle-tiny.md):
 #   make tiny-model TINY_DEVICE=cuda TINY_S3_POOL=16 S3_ARGS='train.micro_batch_size=32 train.max_steps=600 \
 #     train.eval_every=200 data.num_workers=12'
+# TINY_SELFCHAT=256 adds SmolLM2's own chats and a KL term to SmolLM2 to Stage III (58 more CPU minutes).
 
 PY        ?= python
 TINY      ?= runs/tiny
@@ -18,6 +19,7 @@ TINY_EVAL ?= 50
 TINY_TILES ?= 2
 TINY_DEVICE ?= cpu
 TINY_S3_POOL ?= 0
+TINY_SELFCHAT ?= 0
 S1_ARGS   ?=
 S2_ARGS   ?=
 S3_ARGS   ?=
@@ -30,6 +32,17 @@ S3_POOL :=
 else
 S3_DATA := $(D)/pool_sft.jsonl
 S3_POOL := $(S3_DATA)
+endif
+# TINY_SELFCHAT=N: N chats SmolLM2 writes itself join Stage III (6x), with the KL term that keeps the text rows'
+# next-token distributions at SmolLM2's (anchor.language_kl_weight).
+ifeq ($(TINY_SELFCHAT),0)
+S3_SELFCHAT :=
+S3_TEXT :=
+S3_KL :=
+else
+S3_SELFCHAT := $(D)/selfchat_sft.jsonl
+S3_TEXT := , {path: $(S3_SELFCHAT), format: conversation, repeat: 6}
+S3_KL := anchor.language_kl_weight=1.0 anchor.language_reference=$(TINY)/init
 endif
 TRAIN := $(PY) -m hovle.train
 
@@ -68,10 +81,13 @@ $(TINY)/stage2/DONE: $(TINY)/stage1/DONE
 $(D)/pool_sft.jsonl: $(TINY)/data/DONE.json
 	$(PY) -m hovle.tiny.pipeline pool --out $(TINY) --splits $(TINY_S3_POOL)
 
-$(TINY)/stage3/DONE: $(TINY)/stage2/DONE $(S3_POOL)
+$(D)/selfchat_sft.jsonl: $(TINY)/init/DONE.json
+	$(PY) -m hovle.tiny.pipeline selfchat --out $(TINY) --n $(TINY_SELFCHAT)
+
+$(TINY)/stage3/DONE: $(TINY)/stage2/DONE $(S3_POOL) $(S3_SELFCHAT)
 	$(TRAIN) examples/tiny/stage3_sft.yaml device=$(TINY_DEVICE) model.init=$(TINY)/stage2/final train.out_dir=$(TINY)/stage3 \
-		'data.sources=[{path: $(S3_DATA), format: conversation}]' \
-		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_ARGS)
+		'data.sources=[{path: $(S3_DATA), format: conversation}$(S3_TEXT)]' \
+		'data.eval_sources=[{path: $(D)/heldout_sft.jsonl, format: conversation}]' $(S3_KL) $(S3_ARGS)
 	touch $@
 
 # The shipped form: the embedding module + rank-16 deltas of the LLM linears (SmolLM2 itself is not copied).
