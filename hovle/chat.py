@@ -34,9 +34,12 @@ class Template:
     def stop_token(self) -> str:
         return self.sep.strip()
 
+    def system_block(self, system_message: str | None = None) -> str:
+        """The conversation's opening system turn (this template's own message unless one is given)."""
+        return self.system_prefix + (self.system_message if system_message is None else system_message) + self.sep
+
     def prompt(self, question: str, history: Iterable[tuple[str, str]] = (), system_message: str | None = None) -> str:
-        system = self.system_message if system_message is None else system_message
-        turns = [self.system_prefix + system + self.sep]
+        turns = [self.system_block(system_message)]
         for q, a in history:
             turns.append(self.user + q + self.sep + self.assistant + a + self.sep)
         turns.append(self.user + question + self.sep + self.assistant)

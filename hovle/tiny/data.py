@@ -823,7 +823,7 @@ def self_chat(model, tokenizer, n: int, seed: int = 0, batch_size: int = 16, max
 
     template = get_template(model.config.template)
     stop = tokenizer.convert_tokens_to_ids(template.stop_token)
-    prefix = tokenizer.encode(template.system_prefix + template.system_message + template.sep + template.user)
+    prefix = tokenizer.encode(template.system_block() + template.user)  # the chat up to the user's words
     g = torch.Generator().manual_seed(seed)
     out: list[tuple[str, str]] = []
     tried = 0
