@@ -170,6 +170,9 @@ def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pool", "--out", str(tmp_path / "none"), "--splits", "0"])
     assert "pool needs splits >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no step-0 model to write the chats yet
+        main(["selfchat", "--out", str(tmp_path / "none")])
+    assert "no config.json at" in capsys.readouterr().err
 
 
 def test_some_turns_use_the_benchmarks_short_answer_form():

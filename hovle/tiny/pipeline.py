@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "selfchat":
         try:
             selfchat(args.out, args.model or Path(args.out) / "init", args.n, args.seed)
+        except FileNotFoundError as e:
+            p.error(f"{e} (run `prepare --out {args.out}` first, or name a model folder with --model)")
         except ValueError as e:
             p.error(str(e))
     elif args.command == "probe":
