@@ -135,11 +135,28 @@ def anchor_text_mask(ids: Tensor, valid: Tensor | None, cfg) -> Tensor:
     return keep if valid is None else keep & valid.bool()
 
 
+def image_rows(ids: Tensor, cfg) -> Tensor:
+    """[B, 1] bool: the rows that hold image tokens."""
+    return (ids == cfg.embedding.img_context_token_id).any(1, keepdim=True)
+
+
 def language_kl_mask(ids: Tensor, valid: Tensor | None, cfg) -> Tensor:
     """[B, T] bool: the valid positions of rows without image tokens, where the LLM alone (reading its own
     embeddings) is a fair reference for the next token: anchor.language_kl_weight."""
-    text_rows = ~(ids == cfg.embedding.img_context_token_id).any(1, keepdim=True)
+    text_rows = ~image_rows(ids, cfg)
     return text_rows.expand_as(ids) if valid is None else text_rows & valid.bool()
+
+
+def vision_kl_mask(ids: Tensor, labels: Tensor, cfg) -> Tensor:
+    """[B, T - 1] bool: the target positions (position t predicts token t + 1) of the rows with image tokens,
+    where anchor.vision_kl_weight compares the model with its reference."""
+    return (labels[:, 1:] != IGNORE_INDEX) & image_rows(ids, cfg)
+
+
+def _hidden(model: nn.Module, b: dict) -> tuple[Tensor, Tensor]:
+    """A HoVLE's LLM inputs x [B, T, C] (the embedding module's outputs) and last hidden states h [B, T, C]."""
+    x = model.embed(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"])
+    return x, model.language_model.decoder(x, b["attention_mask"].bool())
 
 
 class StageModule(nn.Module):
@@ -147,10 +164,11 @@ class StageModule(nn.Module):
 
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
                  head: DistillHead | None = None, anchor: AnchorConfig | None = None,
-                 reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, vision_reference: nn.Module | None = None):
         super().__init__()
         self.model, self.stage, self.head = model, stage, head
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
+        self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight
         self.distill, self.anchor = distill or DistillConfig(), anchor or AnchorConfig()
         self.text_rms = None  # the scale the LLM reads its own inputs at: only the image_rms term needs it
         if self.anchor.image_rms_weight:
@@ -174,12 +192,13 @@ class StageModule(nn.Module):
         and prompt positions, most of a VLM sequence, never reach the vocab projection)."""
         m, lm = self.model, self.model.language_model
         ids = b["input_ids"]
-        x = m.embed(ids, b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"])
-        h = lm.decoder(x, b["attention_mask"].bool())  # [B, T, C]
+        x, h = _hidden(m, b)
         targets = b["labels"][:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE_INDEX
         logits = lm.output(lm.norm(h[:, :-1][keep]))  # [K, V]
         out = {"lm": F.cross_entropy(logits.float(), targets[keep], reduction="sum")}
+        if self.vision_reference is not None:
+            out["vision_kl"] = self._vision_kl(b, logits, keep)
         if self.anchor.text_weight:
             out["text"] = self._text_anchor(x, ids, anchor_text_mask(ids, b["attention_mask"], m.config))
         if self.anchor.image_rms_weight:
@@ -187,6 +206,18 @@ class StageModule(nn.Module):
         if self.reference is not None:
             out["language_kl"] = self._language_kl(h, ids, language_kl_mask(ids, b["attention_mask"], m.config))
         return out
+
+    def _vision_kl(self, b: dict, logits: Tensor, keep: Tensor) -> Tensor:
+        """Sum over the target positions of image rows of KL(reference || model), in fp32; `logits` [K, V] are
+        the model's at the K target positions `keep` [B, T - 1]."""
+        ref = self.vision_reference
+        image = vision_kl_mask(b["input_ids"], b["labels"], self.model.config)[keep]  # [K]
+        if not bool(image.any()):
+            return logits.sum() * 0.0
+        with torch.no_grad():
+            h = _hidden(ref, b)[1][:, :-1][keep][image]
+            target = ref.language_model.output(ref.language_model.norm(h)).float().log_softmax(-1)
+        return F.kl_div(logits[image].float().log_softmax(-1), target, log_target=True, reduction="sum")
 
     def _language_kl(self, h: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Sum over `mask` positions of KL(reference || model) of the next-token distributions, in fp32."""
@@ -234,13 +265,13 @@ def loss_terms(cfg: TrainConfig) -> list[str]:
     terms = ["image"] if cfg.stage == "distill" else ["lm"]
     a = cfg.anchor
     return terms + [k for k, w in (("text", a.text_weight), ("image_rms", a.image_rms_weight),
-                                   ("language_kl", a.language_kl_weight)) if w]
+                                   ("language_kl", a.language_kl_weight), ("vision_kl", a.vision_kl_weight)) if w]
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
     """How many tokens each loss term sums over in this micro-batch (the normaliser's share)."""
     counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"],
-              "language_kl": batch.get("language_kl_tokens", 0)}
+              "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
     tf = batch["teacher_features"]
@@ -326,7 +357,7 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, self._language_reference()).to(self.device)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references()).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -361,18 +392,21 @@ class Trainer:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
         return teacher, head
 
-    def _language_reference(self) -> nn.Module | None:
-        """The frozen LLM that anchor.language_kl_weight keeps text chat close to (loaded before LoRA or
-        freezing touch the model being trained)."""
+    def _references(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The frozen models the KL anchors compare with: the LLM of anchor.language_reference and the whole
+        HoVLE of anchor.vision_reference (each loaded before LoRA or freezing touch the model being trained)."""
         a = self.cfg.anchor
-        if not a.language_kl_weight:
-            return None
-        path = a.language_reference or self.cfg.model.init
+        language = self._reference("language", a.language_reference) if a.language_kl_weight else None
+        vision = self._reference("vision", a.vision_reference) if a.vision_kl_weight else None
+        return None if language is None else language.language_model, vision
+
+    def _reference(self, kind: str, path: str | None) -> HoVLE:
+        path = path or self.cfg.model.init
         if not Path(path).is_dir():
-            raise ConfigError(f"anchor.language_reference {path!r} is not a checkpoint folder")
-        ref = HoVLE.from_pretrained(path, dtype=torch.float32, device=self.device).language_model
-        if ref.cfg.vocab_size != self.model.config.llm.vocab_size:
-            raise ConfigError(f"anchor.language_reference {path}: vocab_size {ref.cfg.vocab_size} is not the "
+            raise ConfigError(f"anchor.{kind}_reference {path!r} is not a checkpoint folder")
+        ref = HoVLE.from_pretrained(path, dtype=torch.float32, device=self.device)
+        if ref.config.llm.vocab_size != self.model.config.llm.vocab_size:
+            raise ConfigError(f"anchor.{kind}_reference {path}: vocab_size {ref.config.llm.vocab_size} is not the "
                               f"model's {self.model.config.llm.vocab_size}")
         return ref.eval().requires_grad_(False)
 
@@ -401,6 +435,7 @@ class Trainer:
             ids, valid = batch["input_ids"], batch["attention_mask"]
             batch["llm_image_tokens"] = int((ids == mc.embedding.img_context_token_id).sum())
             batch["language_kl_tokens"] = int(language_kl_mask(ids, valid, mc).sum())
+            batch["vision_kl_tokens"] = int(vision_kl_mask(ids, batch["labels"], mc).sum())
         else:
             batch = collate_distill(examples, pad)
             batch["n_image_tokens"] = mc.num_embedding_image_token
@@ -425,7 +460,7 @@ class Trainer:
     def _weights(self) -> dict[str, float]:
         a = self.cfg.anchor
         return {"lm": 1.0, "image": self.cfg.distill.image_weight, "text": a.text_weight, "image_rms": a.image_rms_weight,
-                "language_kl": a.language_kl_weight}
+                "language_kl": a.language_kl_weight, "vision_kl": a.vision_kl_weight}
 
     # ---- one optimizer step ----
 
