@@ -157,6 +157,8 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.load(f, ["lora.enabled=true"])
     with pytest.raises(ConfigError, match="not key=value"):
         TrainConfig.load(f, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="override data.sources: its value is not valid YAML"):
+        TrainConfig.load(f, ["data.sources=[{path: a.jsonl}${EXTRA}]"])
     with pytest.raises(ConfigError, match="data.pad_to_multiple must be >= 1"):
         TrainConfig.load(f, ["data.pad_to_multiple=0"])
     with pytest.raises(ConfigError, match="anchor.image_rms_weight must be >= 0"):

@@ -281,7 +281,10 @@ class TrainConfig:
                 node = node.setdefault(p, {})
                 if not isinstance(node, dict):
                     raise ConfigError(f"override {item!r}: {p} is not a section")
-            node[leaf] = yaml.safe_load(value)
+            try:
+                node[leaf] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {key}: its value is not valid YAML ({' '.join(str(e).split())})") from None
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
