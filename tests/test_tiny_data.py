@@ -175,6 +175,21 @@ def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path, capsys):
     assert "no config.json at" in capsys.readouterr().err
 
 
+def test_selfchat_prose_is_each_turn_as_a_plain_line(tmp_path):
+    """Existing chats are kept (no model is loaded) and their turns of 8+ words become plain-text lines."""
+    from hovle.tiny.pipeline import selfchat
+
+    pairs = [("Tell me about rivers and how they\nshape the valleys they run through.", "Rivers carry sand and stones "
+              "that slowly wear   the rock away."), ("Hi there!", "Hello! How can I help you today, my friend?")]
+    chats = tmp_path / "data" / "selfchat_sft.jsonl"
+    chats.parent.mkdir()
+    D.write_jsonl(chats, (D.text_sample(p) for p in pairs))
+    report = selfchat(tmp_path, tmp_path / "no-model", n=2)
+    assert report["skipped"] and (tmp_path / "data" / "selfchat_prose.txt").read_text().splitlines() == [
+        "Tell me about rivers and how they shape the valleys they run through.",
+        "Rivers carry sand and stones that slowly wear the rock away.", "Hello! How can I help you today, my friend?"]
+
+
 def test_some_turns_use_the_benchmarks_short_answer_form():
     """hovle eval's VQA prompt (question + SHORT_ANSWER) is in the training data, answered with the bare answer."""
     short = total = 0

@@ -882,6 +882,13 @@ def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) 
     return {"image": image, "conversations": conv, "meta": {"qtypes": [qa["qtype"] for qa in qas], "kind": scene["kind"]}}
 
 
+def prose_lines(pairs: Iterable[tuple[str, str]], min_words: int = 8) -> list[str]:
+    """Each question and reply of `pairs` as one line of plain text (whitespace collapsed), for a `format: text`
+    source: without the chat template, they teach the embedding module's text path on plain prose too."""
+    lines = (" ".join(turn.split()) for pair in pairs for turn in pair)
+    return [line for line in lines if len(line.split()) >= min_words]
+
+
 def text_sample(pair: tuple[str, str]) -> dict[str, Any]:
     return {"conversations": [{"from": "human", "value": pair[0]}, {"from": "gpt", "value": pair[1]}],
             "meta": {"qtypes": ["text_chat"]}}

@@ -113,29 +113,40 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
 
 def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
     """Write `out/data/selfchat_sft.jsonl`: `n` text-only chats the step-0 LLM (SmolLM2) writes itself
-    (`hovle.tiny.data.self_chat`), for Stage III's language-keeping KL term. Skipped when it exists."""
+    (`hovle.tiny.data.self_chat`), and `selfchat_prose.txt`: their turns as plain lines (`prose_lines`), both
+    for Stage III's language-keeping KL term. The chats are skipped when they exist."""
     import torch
 
     from hovle import HoVLE, load_tokenizer
     from hovle.tiny import data as D
 
     path = Path(out) / "data" / "selfchat_sft.jsonl"
+    prose = path.with_name("selfchat_prose.txt")
+    report: dict[str, Any] = {"path": str(path), "prose": str(prose)}
     if path.is_file():
         print(f"selfchat: {path} exists, skipped")
-        return {"path": str(path), "skipped": True}
-    if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
-    t = time.perf_counter()
-    model = HoVLE.from_pretrained(model_dir, dtype=torch.bfloat16)
-    pairs = D.self_chat(model, load_tokenizer(model_dir), n, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    D.write_jsonl(path, (D.text_sample(p) for p in pairs))
-    report = {"path": str(path), "chats": len(pairs), "seconds": round(time.perf_counter() - t, 1)}
-    print(f"selfchat: {len(pairs)} chats in {report['seconds']} s -> {path}")
+        rows = [json.loads(line)["conversations"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pairs = [tuple(turn["value"] for turn in row) for row in rows]
+        report["skipped"] = True
+    else:
+        if n < 1:
+            raise ValueError(f"--n must be at least 1, got {n}")
+        t = time.perf_counter()
+        model = HoVLE.from_pretrained(model_dir, dtype=torch.bfloat16)
+        pairs = D.self_chat(model, load_tokenizer(model_dir), n, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        D.write_jsonl(path, (D.text_sample(p) for p in pairs))
+        report |= {"chats": len(pairs), "seconds": round(time.perf_counter() - t, 1)}
+        print(f"selfchat: {len(pairs)} chats in {report['seconds']} s -> {path}")
+    tmp = prose.with_name(prose.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in D.prose_lines(pairs)), encoding="utf-8")
+    os.replace(tmp, prose)
     return report
 
 
-# Held-out English for the language check: written for this file, never in the training data.
+# Held-out English for the language check: written for this file, never in the training data. 26 passages,
+# 986 SmolLM2 tokens (a perplexity bar of +-10% needs that many; run-history entries before 2026-11-27 (late)
+# quote the first four alone, 163 tokens).
 HELDOUT_TEXT = (
     "The river starts high in the mountains, where snow melts every spring. It runs through narrow valleys and "
     "small villages before it reaches the wide plain, where farmers use its water to grow wheat and vegetables.",
@@ -145,6 +156,50 @@ HELDOUT_TEXT = (
     "it is soft. Then add the tomatoes, a pinch of salt and a little sugar, and let it simmer for twenty minutes.",
     "Bicycles are one of the most efficient ways to travel. A rider can cover several kilometres in a few "
     "minutes, and the bicycle needs no fuel, little space and only simple repairs.",
+    "When water freezes, its molecules arrange themselves into a regular lattice that takes up more room than "
+    "the liquid. That is why ice floats, and why a bottle left in the freezer can crack.",
+    "The old lighthouse keeper climbed the stairs every evening at sunset. He cleaned the lens, checked the oil "
+    "and wrote a short note in the logbook about the weather and the ships he had seen.",
+    "A good night's sleep helps the body repair itself and the mind sort through the events of the day. Adults "
+    "usually need between seven and nine hours, while teenagers need a little more.",
+    "Before the printing press, books were copied by hand, often by monks working in quiet rooms. A single "
+    "copy of a long book could take a year or more to finish.",
+    "To plant a tree, dig a hole twice as wide as its roots but no deeper. Set the tree in the hole, fill it "
+    "with soil, press the soil down gently and water it well.",
+    "Bees visit thousands of flowers each day. As they collect nectar, pollen sticks to their bodies and is "
+    "carried from one flower to the next, which helps the plants make seeds.",
+    "The train left the station a few minutes late. Outside the window, the city gave way to fields, then to "
+    "forests, and by the afternoon the first hills appeared on the horizon.",
+    "Saving money is easier with a simple plan. Write down what you earn and what you spend each month, decide "
+    "how much you want to keep, and move that amount to a separate account as soon as you are paid.",
+    "Volcanoes form where molten rock from deep inside the Earth finds a way to the surface. Some erupt with "
+    "great explosions, while others release slow rivers of lava that cool into new land.",
+    "She opened the letter slowly, unsure of what it would say. After reading the first line, she smiled, "
+    "folded it carefully and put it back in the envelope to read again later.",
+    "Exercise does not have to mean hours in a gym. A brisk walk, a short bicycle ride or a few minutes of "
+    "stretching every day can improve your mood, your sleep and your health.",
+    "The moon has no light of its own. It reflects the light of the sun, and as it travels around the Earth "
+    "we see different parts of its lit side, which gives us the phases from new moon to full moon.",
+    "Many people learn a second language at school, but they forget most of it because they never use it. "
+    "Speaking with others, even for a few minutes a week, is one of the best ways to remember new words.",
+    "The museum opened a new room last spring. It shows tools, clothes and toys from the last two hundred "
+    "years, and visitors can touch some of the objects and try them out for themselves.",
+    "Bread needs only flour, water, salt and yeast. The yeast feeds on the sugars in the flour and makes small "
+    "bubbles of gas, which is what makes the dough rise before it goes into the oven.",
+    "A map is a small picture of a large place. It leaves out most details and keeps only what the reader "
+    "needs, such as roads, rivers, towns and the distances between them.",
+    "The storm arrived just after midnight. Rain hit the windows, the wind bent the trees in the garden, and "
+    "for a few hours the whole street was without power.",
+    "Computers store everything as numbers. A letter, a colour or a sound is turned into a pattern of ones and "
+    "zeros, and programs tell the machine what to do with those patterns.",
+    "Children often ask why the sky is blue. Sunlight contains every colour, but the air scatters blue light "
+    "more than red light, so blue reaches our eyes from every part of the sky.",
+    "Our neighbours keep chickens in a small yard behind their house. Every morning the children collect the "
+    "eggs, and on weekends they sell the extra ones at a table by the road.",
+    "Recycling saves energy and raw materials. An aluminium can, for example, can be melted down and made into "
+    "a new can in a few weeks, using far less energy than making one from ore.",
+    "The team had trained for months, but the final match was harder than anyone expected. They were behind "
+    "until the last few minutes, when a quick pass led to the winning goal.",
 )
 TEXT_QUESTIONS = ("What is the capital of France?", "Give me two tips for sleeping better.",
                   "Write a haiku about the sea.", "What is 12 + 7?")
