@@ -100,9 +100,13 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     reply = model.chat(load_tokenizer(s3), None, "Hi!", dict(max_new_tokens=4, do_sample=False))
     assert isinstance(reply, str)  # after 2 steps per stage it may be empty; the format is what is tested
 
+    # The language continuation (KL to SmolLM2 on text rows, to Stage III on image answers) adds rank-8 adapters.
+    language = _stage("stage3_language.yaml", s3, run / "language", "conversation", d / "train_sft.jsonl",
+                      d / "heldout_sft.jsonl", "data.max_length=512", f"anchor.language_reference={run / 'init'}",
+                      f"anchor.vision_reference={s3}")
     from hovle.tiny.ship import export
 
-    manifest = export(s3, run / "ship")  # the module + rank-16 deltas of the LLM linears Stage III changed
+    manifest = export(language, run / "ship", rank=24)  # the module + rank-24 deltas of the LLM linears
     assert manifest["llm_deltas"] == 4 * S.SMOLLM2_135M.num_layers and manifest["bytes"] < 40e6
     out = P.evaluate(run / "ship", d / "eval.jsonl", run / "eval.json", limit=1, max_new_tokens=4)
     saved = json.loads((run / "eval.json").read_text())
