@@ -153,6 +153,12 @@ def vision_kl_mask(ids: Tensor, labels: Tensor, cfg) -> Tensor:
     return (labels[:, 1:] != IGNORE_INDEX) & image_rows(ids, cfg)
 
 
+def kl_sum(logits: Tensor, reference_logits: Tensor) -> Tensor:
+    """Sum over rows of KL(reference || model) of the next-token distributions [K, V], in fp32."""
+    return F.kl_div(logits.float().log_softmax(-1), reference_logits.float().log_softmax(-1), log_target=True,
+                    reduction="sum")
+
+
 def _hidden(model: nn.Module, b: dict) -> tuple[Tensor, Tensor]:
     """A HoVLE's LLM inputs x [B, T, C] (the embedding module's outputs) and last hidden states h [B, T, C]."""
     x = model.embed(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"])
@@ -208,7 +214,7 @@ class StageModule(nn.Module):
         return out
 
     def _vision_kl(self, b: dict, logits: Tensor, keep: Tensor) -> Tensor:
-        """Sum over the target positions of image rows of KL(reference || model), in fp32; `logits` [K, V] are
+        """Sum over the target positions of image rows of KL(reference || model); `logits` [K, V] are
         the model's at the K target positions `keep` [B, T - 1]."""
         ref = self.vision_reference
         image = vision_kl_mask(b["input_ids"], b["labels"], self.model.config)[keep]  # [K]
@@ -216,21 +222,20 @@ class StageModule(nn.Module):
             return logits.sum() * 0.0
         with torch.no_grad():
             h = _hidden(ref, b)[1][:, :-1][keep][image]
-            target = ref.language_model.output(ref.language_model.norm(h)).float().log_softmax(-1)
-        return F.kl_div(logits[image].float().log_softmax(-1), target, log_target=True, reduction="sum")
+            target = ref.language_model.output(ref.language_model.norm(h))  # [K', V]
+        return kl_sum(logits[image], target)
 
     def _language_kl(self, h: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-        """Sum over `mask` positions of KL(reference || model) of the next-token distributions, in fp32."""
+        """Sum over `mask` positions of KL(reference || model) of the next-token distributions."""
         rows = mask.any(1)
         if not bool(rows.any()):
             return h.sum() * 0.0  # keeps every process's graph the same shape under DDP
         lm, ref = self.model.language_model, self.reference
         keep = mask[rows]
-        student = lm.output(lm.norm(h[rows][keep])).float().log_softmax(-1)  # [K, V]
+        student = lm.output(lm.norm(h[rows][keep]))  # [K, V]
         with torch.no_grad():
-            x = ref.tok_embeddings(ids[rows])
-            target = ref(x, keep).float()[keep].log_softmax(-1)  # [K, V]
-        return F.kl_div(student, target, log_target=True, reduction="sum")
+            target = ref(ref.tok_embeddings(ids[rows]), keep)[keep]  # [K, V]
+        return kl_sum(student, target)
 
     def _distill(self, b: dict) -> dict[str, Tensor]:
         m = self.model
