@@ -28,10 +28,15 @@ from typing import Any
 DONE = "DONE.json"  # written last into a finished data folder / init folder
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temp file and rename, so an interrupted run never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def prepare(out: str | Path, n_train: int, n_heldout: int, n_eval_per_type: int, seed: int = 0,
@@ -138,9 +143,7 @@ def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> d
         D.write_jsonl(path, (D.text_sample(p) for p in pairs))
         report |= {"chats": len(pairs), "seconds": round(time.perf_counter() - t, 1)}
         print(f"selfchat: {len(pairs)} chats in {report['seconds']} s -> {path}")
-    tmp = prose.with_name(prose.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in D.prose_lines(pairs)), encoding="utf-8")
-    os.replace(tmp, prose)
+    _write_text(prose, "".join(line + "\n" for line in D.prose_lines(pairs)))
     return report
 
 
