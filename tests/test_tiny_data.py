@@ -173,6 +173,9 @@ def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no step-0 model to write the chats yet
         main(["selfchat", "--out", str(tmp_path / "none")])
     assert "no config.json at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # nothing trained there to ship
+        main(["ship", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "ship")])
+    assert "error: no config.json at" in capsys.readouterr().err
 
 
 def test_selfchat_prose_is_each_turn_as_a_plain_line(tmp_path):

@@ -427,21 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--threads", type=int)
     e.add_argument("--baseline", help="also run the language check on this model (e.g. the step-0 init = SmolLM2)")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except FileNotFoundError as e:  # a missing input folder or file: say which, and what makes it
+        hint = f" (run `prepare --out {args.out}` first, or name a model folder with --model)" if args.command == "selfchat" else ""
+        p.error(f"{e}{hint}")
+    except ValueError as e:  # bad arguments, or a config that names the field (ConfigError)
+        p.error(str(e))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         prepare(args.out, args.train, args.heldout, args.eval_per_type, args.seed, args.max_tiles,
                 args.embedding_layers)
     elif args.command == "pool":
-        try:
-            pool(args.out, args.splits, args.images, args.seed, args.workers)
-        except ValueError as e:
-            p.error(str(e))
+        pool(args.out, args.splits, args.images, args.seed, args.workers)
     elif args.command == "selfchat":
-        try:
-            selfchat(args.out, args.model or Path(args.out) / "init", args.n, args.seed)
-        except FileNotFoundError as e:
-            p.error(f"{e} (run `prepare --out {args.out}` first, or name a model folder with --model)")
-        except ValueError as e:
-            p.error(str(e))
+        selfchat(args.out, args.model or Path(args.out) / "init", args.n, args.seed)
     elif args.command == "probe":
         probe(args.model, args.scenes, args.n)
     elif args.command == "ship":
@@ -456,7 +458,6 @@ def main(argv: list[str] | None = None) -> int:
             print("evaluate: no rows", file=sys.stderr)
             return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
