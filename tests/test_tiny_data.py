@@ -178,6 +178,15 @@ def test_stage3_pool_is_its_splits_in_order_and_new_images(tmp_path, capsys):
     assert "error: no config.json at" in capsys.readouterr().err
 
 
+def test_read_jsonl_is_write_jsonl_back_and_names_a_bad_line(tmp_path):
+    rows = [{"a": "naïve"}, {"b": [1, 2]}]
+    D.write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert D.read_jsonl(tmp_path / "rows.jsonl") == rows
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n\n{bad\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 3: not valid JSON"):
+        D.read_jsonl(tmp_path / "bad.jsonl")
+
+
 def test_selfchat_prose_is_each_turn_as_a_plain_line(tmp_path):
     """Existing chats are kept (no model is loaded) and their turns of 8+ words become plain-text lines."""
     from hovle.tiny.pipeline import selfchat

@@ -901,6 +901,19 @@ def _save_png(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows `write_jsonl` wrote (UTF-8, one JSON object per non-blank line); a bad line is a ValueError
+    that names the file and the line."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0

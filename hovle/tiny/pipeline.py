@@ -130,8 +130,7 @@ def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> d
     report: dict[str, Any] = {"path": str(path), "prose": str(prose)}
     if path.is_file():
         print(f"selfchat: {path} exists, skipped")
-        rows = [json.loads(line)["conversations"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        pairs = [tuple(turn["value"] for turn in row) for row in rows]
+        pairs = [tuple(turn["value"] for turn in row["conversations"]) for row in D.read_jsonl(path)]
         report["skipped"] = True
     else:
         if n < 1:
@@ -257,7 +256,7 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     import torch
 
     from hovle import HoVLE, load_image, load_tokenizer
-    from hovle.tiny.data import score_answer
+    from hovle.tiny.data import read_jsonl, score_answer
 
     if threads:
         torch.set_num_threads(threads)
@@ -267,7 +266,7 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     model = HoVLE.from_pretrained(model_dir, dtype=torch.float32)
     cfg = model.config
     max_tiles = cfg.max_dynamic_patch if cfg.dynamic_image_size else 1
-    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(data)
     if limit is not None:
         seen: dict[str, int] = defaultdict(int)
         kept = []
@@ -345,9 +344,10 @@ def probe(model_dir: str | Path, scenes: str | Path, n: int = 600, seed: int = 0
     import torch
 
     from hovle import HoVLE
+    from hovle.tiny.data import read_jsonl
 
     scenes = Path(scenes)
-    rows = [json.loads(line) for line in scenes.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(scenes)
     tasks = {
         "color": [(r["image"], r["scene"]["objects"][0]["color"]) for r in rows if r["scene"]["kind"] == "single"],
         "shape": [(r["image"], r["scene"]["objects"][0]["shape"]) for r in rows if r["scene"]["kind"] == "single"],
@@ -458,6 +458,7 @@ def _run(args: argparse.Namespace) -> int:
             print("evaluate: no rows", file=sys.stderr)
             return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
