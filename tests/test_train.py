@@ -29,7 +29,7 @@ from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
 from hovle.train.config import LoRAConfig
-from hovle.train.trainer import Trainer, apply_lora, relative_error, train
+from hovle.train.trainer import Trainer, apply_lora, loss_terms, relative_error, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -739,6 +739,43 @@ def test_vision_kl_keeps_the_answers_about_images(tmp_path, base, data):
         with torch.no_grad():
             kl[w] = float(measure.module(b)["vision_kl"]) / b["vision_kl_tokens"]
     assert kl[10.0] < 0.3 * kl[0.0], kl  # measured: 6.0 nats per token without the term, 0.22 with it
+
+
+def test_module_only_repair_moves_the_text_path_and_holds_the_image_tokens(tmp_path, base, data, monkeypatch):
+    """Stage distill with no teacher (distill.image_weight 0): anchor.text_weight pulls the module's text
+    outputs to the LLM's embeddings, and anchor.module_image_weight holds its image tokens at the reference's
+    (the init). The term is zero at step 0 and only the module trains; nothing loads a teacher."""
+    from hovle.train import teachers
+
+    monkeypatch.setattr(teachers, "load_teacher", lambda *a, **k: pytest.fail("no teacher is needed"))
+    start = HoVLE.from_pretrained(base["pre"])
+    sources = [{"path": str(data / "captions.jsonl"), "format": "caption"}]  # an image and text in every sample
+    common = dict(sources=sources, data__max_tiles=1, train__max_steps=20, distill__image_weight=0.0, optim__lr=1e-3,
+                  anchor__text_weight=1.0)
+    trainer = Trainer(config(tmp_path / "t0", base, data, "distill", **common, anchor__module_image_weight=1.0))
+    b = trainer._batch(trainer.loader)
+    with torch.no_grad():
+        assert float(trainer.module(b)["module_image"]) < 1e-4 * b["llm_image_tokens"]
+    assert loss_terms(trainer.cfg) == ["text", "module_image"]
+    ctx = start.config.embedding.img_context_token_id
+    image = (torch.full((len(b["pixel_values"]), start.config.num_image_token), ctx), b["pixel_values"])
+    text = b["text_ids"][b["text_mask"].bool()][None]  # the batch's captions, one row
+
+    def measure(m: HoVLE) -> tuple[float, float]:
+        """(text error, how far the image tokens moved from the start's) on the batch's captions and images."""
+        with torch.no_grad():
+            return _text_error(m, text), float(relative_error(m.embed(*image), start.embed(*image)).mean())
+
+    end = {}
+    for w in (0.0, 1.0):
+        final = train(config(tmp_path / f"w{w}", base, data, "distill", **common, anchor__module_image_weight=w))
+        m = HoVLE.from_pretrained(final)
+        after, before = state(m), state(start)
+        assert {n for n in before if not torch.equal(before[n], after[n])} <= {n for n in before if n.startswith("embedding_model.")}
+        end[w] = measure(m)
+    # measured: text error 2.9 -> 0.27 without the term, 0.37 with it; image tokens moved 0.31 / 0.04
+    assert end[1.0][0] < 0.2 * measure(start)[0], (measure(start), end)
+    assert end[1.0][1] < 0.3 * end[0.0][1], end
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> d
         D.write_jsonl(path, (D.text_sample(p) for p in pairs))
         report |= {"chats": len(pairs), "seconds": round(time.perf_counter() - t, 1)}
         print(f"selfchat: {len(pairs)} chats in {report['seconds']} s -> {path}")
-    _write_text(prose, "".join(line + "\n" for line in D.prose_lines(pairs)))
+    D.write_lines(prose, D.prose_lines(pairs))
     return report
 
 

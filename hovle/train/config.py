@@ -140,7 +140,7 @@ class DistillConfig:
     teacher: str = "mobilenet_v2"  # "mobilenet_v2", or "package.module:factory" (see docs/training.md)
     teacher_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
     loss: str = "cosine"  # "cosine" (1 - cos) or "mse"
-    image_weight: float = 1.0
+    image_weight: float = 1.0  # 0: no teacher is loaded (a text-path repair, anchor.module_image_weight)
     # Standardise the teacher's features per channel over the batch's image tokens before the loss. Patch
     # features share a large common component (on HoVLE-Tiny's data, DINOv2's mean patch feature alone scores
     # cosine 0.88), so raw targets teach little beyond it.
@@ -181,6 +181,10 @@ class AnchorConfig:
     model.init). It keeps what a trained model answers about images while a continuation changes something
     else (learning without forgetting): a CPU continuation of HoVLE-Tiny on cross-entropy alone lost 6 points
     of colour and 14 of shape.
+    module_image_weight: relative squared error of the module's outputs at the image tokens against those of
+    the `vision_reference` model's module on the same input (any stage). It holds what the LLM reads from an
+    image while a module-only run (stage distill, no teacher) repairs the module's text path, at the cost of
+    the module alone: the LLM never runs.
     """
 
     text_weight: float = 0.0
@@ -189,12 +193,14 @@ class AnchorConfig:
     language_reference: str | None = None
     vision_kl_weight: float = 0.0
     vision_reference: str | None = None
+    module_image_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.text_weight >= 0, f"anchor.text_weight must be >= 0, got {self.text_weight}")
         _check(self.image_rms_weight >= 0, f"anchor.image_rms_weight must be >= 0, got {self.image_rms_weight}")
         _check(self.language_kl_weight >= 0, f"anchor.language_kl_weight must be >= 0, got {self.language_kl_weight}")
         _check(self.vision_kl_weight >= 0, f"anchor.vision_kl_weight must be >= 0, got {self.vision_kl_weight}")
+        _check(self.module_image_weight >= 0, f"anchor.module_image_weight must be >= 0, got {self.module_image_weight}")
 
 
 @dataclass
@@ -240,8 +246,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        _check(self.stage != "distill" or self.distill.image_weight + self.anchor.text_weight > 0,
-               "stage distill learns nothing: distill.image_weight and anchor.text_weight are both 0")
+        a = self.anchor
+        _check(self.stage != "distill" or self.distill.image_weight + a.text_weight + a.module_image_weight > 0,
+               "stage distill learns nothing: distill.image_weight, anchor.text_weight and anchor.module_image_weight "
+               "are all 0")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
                "lora.enabled works with distributed.strategy ddp, not fsdp")

@@ -429,7 +429,8 @@ class Encoder:
         tiles = [t for ref in rec.images for t in self._tiles(ref)]
         if tiles:
             ex.pixel_values = torch.stack([image_to_tensor(t, self.cfg.tile_size) for t in tiles])  # [N, 3, S, S]
-            ex.teacher_pixels = torch.stack([self.teacher.preprocess(t) for t in tiles])  # [N, 3, s, s]
+            if self.teacher is not None:
+                ex.teacher_pixels = torch.stack([self.teacher.preprocess(t) for t in tiles])  # [N, 3, s, s]
         text = rec.text if rec.turns is None else "\n".join(v.replace("<image>", "").strip() for _, v in rec.turns)
         if text and text.strip() and self.distill_text:
             ids = self.tok.encode(text.strip())
@@ -549,7 +550,8 @@ def collate_distill(examples: list[Example], pad_id: int) -> dict[str, Tensor | 
     batch = {"pixel_values": None, "teacher_pixels": None, "text_ids": None, "text_mask": None}
     if pv:
         batch["pixel_values"] = torch.cat(pv)  # [N, 3, S, S]
-        batch["teacher_pixels"] = torch.cat([e.teacher_pixels for e in examples if e.teacher_pixels is not None])
+        tp = [e.teacher_pixels for e in examples if e.teacher_pixels is not None]
+        batch["teacher_pixels"] = torch.cat(tp) if tp else None
     if text:
         batch["text_ids"], batch["text_mask"] = _pad_right(text, pad_id)  # [B, T]
     return batch

@@ -174,7 +174,7 @@ class StageModule(nn.Module):
         super().__init__()
         self.model, self.stage, self.head = model, stage, head
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
-        self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight
+        self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight / module_image_weight
         self.distill, self.anchor = distill or DistillConfig(), anchor or AnchorConfig()
         self.text_rms = None  # the scale the LLM reads its own inputs at: only the image_rms term needs it
         if self.anchor.image_rms_weight:
@@ -203,8 +203,11 @@ class StageModule(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = lm.output(lm.norm(h[:, :-1][keep]))  # [K, V]
         out = {"lm": F.cross_entropy(logits.float(), targets[keep], reduction="sum")}
-        if self.vision_reference is not None:
+        if self.anchor.vision_kl_weight:
             out["vision_kl"] = self._vision_kl(b, logits, keep)
+        if self.anchor.module_image_weight:
+            keys = ("input_ids", "pixel_values", "hd_input_ids", "attention_mask", "hd_attention_mask")
+            out["module_image"] = self._module_image(x, [b[k] for k in keys])
         if self.anchor.text_weight:
             out["text"] = self._text_anchor(x, ids, anchor_text_mask(ids, b["attention_mask"], m.config))
         if self.anchor.image_rms_weight:
@@ -212,6 +215,14 @@ class StageModule(nn.Module):
         if self.reference is not None:
             out["language_kl"] = self._language_kl(h, ids, language_kl_mask(ids, b["attention_mask"], m.config))
         return out
+
+    def _module_image(self, x: Tensor, embed_args: list) -> Tensor:
+        """Sum over the image tokens of the relative squared error of the module's outputs `x` [B, T, C]
+        against the reference module's on the same `embed_args` (those of HoVLE.embed)."""
+        image = embed_args[0] == self.model.config.embedding.img_context_token_id  # [B, T]
+        with torch.no_grad():
+            target = self.vision_reference.embed(*embed_args)
+        return relative_error(x[image], target[image]).sum()
 
     def _vision_kl(self, b: dict, logits: Tensor, keep: Tensor) -> Tensor:
         """Sum over the target positions of image rows of KL(reference || model); `logits` [K, V] are
@@ -237,6 +248,18 @@ class StageModule(nn.Module):
             target = ref(ref.tok_embeddings(ids[rows]), keep)[keep]  # [K, V]
         return kl_sum(student, target)
 
+    def _teacher_loss(self, x: Tensor, target: Tensor) -> Tensor:
+        """Sum over the teacher's patches of the head's loss: `x` [N, n, C] image tokens, `target` [N, t*t, D]."""
+        if self.distill.standardize_targets:
+            flat = target.float().flatten(0, 1)
+            target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
+        loss = token_loss(self.head(x), target, self.distill.loss)  # [N, t*t]
+        if self.distill.patch_weights == "salient":
+            t = target.float()
+            dist = (t - t.mean(1, keepdim=True)).norm(dim=-1)
+            loss = loss * dist / dist.mean(1, keepdim=True).clamp(min=1e-6)
+        return loss.sum()
+
     def _distill(self, b: dict) -> dict[str, Tensor]:
         m = self.model
         out = {}
@@ -247,18 +270,12 @@ class StageModule(nn.Module):
             ids = torch.full((N, cfg.num_image_token), ctx, device=b["pixel_values"].device)  # one tile per row
             hd = torch.full((N, cfg.num_patch_tokens), ctx, device=ids.device) if m.is_post else None
             x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
-            target = b["teacher_features"]  # [N, t*t, D]
-            if self.distill.standardize_targets:
-                flat = target.float().flatten(0, 1)
-                target = (target.float() - flat.mean(0)) / (flat.std(0) + 1e-6)
-            loss = token_loss(self.head(x), target, self.distill.loss)  # [N, t*t]
-            if self.distill.patch_weights == "salient":
-                t = target.float()
-                dist = (t - t.mean(1, keepdim=True)).norm(dim=-1)
-                loss = loss * dist / dist.mean(1, keepdim=True).clamp(min=1e-6)
-            out["image"] = loss.sum()
+            if self.head is not None:
+                out["image"] = self._teacher_loss(x, b["teacher_features"])
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
+            if self.anchor.module_image_weight:
+                out["module_image"] = self._module_image(x, [ids, b["pixel_values"], hd])
         if b["text_ids"] is not None:
             x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
             out["text"] = self._text_anchor(x, b["text_ids"], anchor_text_mask(b["text_ids"], b["text_mask"], m.config))
@@ -267,15 +284,17 @@ class StageModule(nn.Module):
 
 def loss_terms(cfg: TrainConfig) -> list[str]:
     """The loss terms this run sums, in logging order (an anchor term only where its weight is set)."""
-    terms = ["image"] if cfg.stage == "distill" else ["lm"]
     a = cfg.anchor
-    return terms + [k for k, w in (("text", a.text_weight), ("image_rms", a.image_rms_weight),
-                                   ("language_kl", a.language_kl_weight), ("vision_kl", a.vision_kl_weight)) if w]
+    first = ("image", cfg.distill.image_weight) if cfg.stage == "distill" else ("lm", 1.0)
+    return [k for k, w in (first, ("text", a.text_weight), ("image_rms", a.image_rms_weight),
+                           ("language_kl", a.language_kl_weight), ("vision_kl", a.vision_kl_weight),
+                           ("module_image", a.module_image_weight)) if w]
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
     """How many tokens each loss term sums over in this micro-batch (the normaliser's share)."""
     counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"],
+              "module_image": batch["llm_image_tokens"],
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
@@ -350,7 +369,7 @@ class Trainer:
             raise ConfigError(f"the tokenizer has {len(self.tokenizer)} ids but the model's vocab_size is {vocab}")
 
         self.teacher, head, self.feature_cache = None, None, None
-        if cfg.stage == "distill":
+        if cfg.stage == "distill" and cfg.distill.image_weight:
             self.teacher, head = self._teacher_and_head()
             if cfg.distill.feature_cache:
                 from hovle.train.teachers import FeatureCache
@@ -402,7 +421,7 @@ class Trainer:
         HoVLE of anchor.vision_reference (each loaded before LoRA or freezing touch the model being trained)."""
         a = self.cfg.anchor
         language = self._reference("language", a.language_reference) if a.language_kl_weight else None
-        vision = self._reference("vision", a.vision_reference) if a.vision_kl_weight else None
+        vision = self._reference("vision", a.vision_reference) if a.vision_kl_weight or a.module_image_weight else None
         return None if language is None else language.language_model, vision
 
     def _reference(self, kind: str, path: str | None) -> HoVLE:
@@ -465,7 +484,8 @@ class Trainer:
     def _weights(self) -> dict[str, float]:
         a = self.cfg.anchor
         return {"lm": 1.0, "image": self.cfg.distill.image_weight, "text": a.text_weight, "image_rms": a.image_rms_weight,
-                "language_kl": a.language_kl_weight, "vision_kl": a.vision_kl_weight}
+                "language_kl": a.language_kl_weight, "vision_kl": a.vision_kl_weight,
+                "module_image": a.module_image_weight}
 
     # ---- one optimizer step ----
 
