@@ -145,7 +145,7 @@ def test_dataset_files(tmp_path):
     assert (tmp_path / "train_text.jsonl").read_text().splitlines() == [r for r in train if '"image"' not in r]
     assert (tmp_path / "images/train/000000.png").read_bytes() != (tmp_path / "images/heldout/000000.png").read_bytes()
     prose = (tmp_path / "reference_prose.txt").read_text(encoding="utf-8").splitlines()
-    assert len(prose) == info["reference_prose"] > 1000 and all(len(p) >= 80 and ">>>" not in p for p in prose)
+    assert len(prose) == info["reference_prose"] > 2000 and all(len(p) >= 40 and ">>>" not in p for p in prose)
     # the eval set again as a VLMEvalKit TSV, which `hovle eval` reads and scores as short-answer VQA
     from hovle.evaluate.runner import prepare
 

@@ -778,6 +778,30 @@ def test_module_only_repair_moves_the_text_path_and_holds_the_image_tokens(tmp_p
     assert end[1.0][1] < 0.3 * end[0.0][1], end
 
 
+def test_text_start_weight_weights_the_first_tokens_of_each_row(tmp_path, base, data, tok):
+    """anchor.text_start_weight c: position p of a row counts 1 + c / (p + 1) in the text term (image slots,
+    ids past the LLM vocab and padding count 0), and training with it leaves the module's first outputs
+    closer to the LLM's embeddings than training without it."""
+    from hovle.train.trainer import anchor_text_weights
+
+    cfg = HoVLE.from_pretrained(base["pre"]).config
+    ctx, vocab = cfg.embedding.img_context_token_id, cfg.llm.vocab_size
+    ids = torch.tensor([[5, 6, ctx, 7], [8, vocab, 9, 0]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert anchor_text_weights(ids, valid, cfg, 6.0).tolist() == [[7.0, 4.0, 0.0, 2.5], [7.0, 0.0, 3.0, 0.0]]
+    assert anchor_text_weights(ids, None, cfg).tolist() == [[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0]]
+    rows = [torch.tensor([tok.encode(line)]) for line in (data / "text.txt").read_text().splitlines()]
+    first = {}
+    for c in (0.0, 30.0):
+        final = train(config(tmp_path / f"c{c}", base, data, "distill", train__max_steps=20, distill__image_weight=0.0,
+                             optim__lr=3e-4,
+                             sources=[{"path": str(data / "text.txt"), "format": "text"}], anchor__text_weight=1.0,
+                             anchor__text_start_weight=c))
+        m = HoVLE.from_pretrained(final)
+        with torch.no_grad():
+            first[c] = np.mean([float(relative_error(m.embed(r), m.language_model.tok_embeddings(r))[0, 0]) for r in rows])
+    assert first[30.0] < 0.3 * first[0.0], first  # measured: 0.17 without, 0.025 with (5.0 at the start)
+
 # ---- LoRA -------------------------------------------------------------------------------------------------------
 
 

@@ -208,23 +208,40 @@ TEXT_QUESTIONS = ("What is the capital of France?", "Give me two tips for sleepi
 SANITY_QUESTION = "What is in this image?"
 
 
-def language_report(model, tokenizer, max_new_tokens: int = 48) -> dict[str, Any]:
-    """Perplexity of the whole model on HELDOUT_TEXT (text passes through the embedding module as in chat)
-    and greedy replies to TEXT_QUESTIONS: the check that Stage III kept SmolLM2's language ability."""
+REPLY_REQUEST = "Write a short paragraph."  # the user turn before each passage in the reply perplexity
+
+
+def _perplexity(model, rows: list[tuple[list[int], int]]) -> tuple[float, int]:
+    """exp(mean NLL) of the tokens of each (ids, k) row from index k on, and how many tokens that is."""
     import math
 
     import torch
 
     nll, n = 0.0, 0
     with torch.inference_mode():
-        for text in HELDOUT_TEXT:
-            ids = torch.tensor([tokenizer.encode(text)])
-            logits = model(ids).logits.float()
-            nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
-            n += ids.shape[1] - 1
-        replies = {q: model.chat(tokenizer, None, q, dict(max_new_tokens=max_new_tokens, do_sample=False))
-                   for q in TEXT_QUESTIONS}
-    return {"perplexity": math.exp(nll / n), "tokens": n, "replies": replies}
+        for ids, k in rows:
+            x = torch.tensor([ids])
+            logits = model(x).logits.float()
+            nll += torch.nn.functional.cross_entropy(logits[0, k - 1:-1], x[0, k:], reduction="sum").item()
+            n += len(ids) - k
+    return math.exp(nll / n), n
+
+
+def language_report(model, tokenizer, max_new_tokens: int = 48) -> dict[str, Any]:
+    """The check that training kept SmolLM2's language: perplexity of the whole model on HELDOUT_TEXT (text
+    passes through the embedding module as in chat) as plain text, and again as the assistant's reply to
+    REPLY_REQUEST in the chat template (how the model is used: every chat starts with the same template
+    tokens, where plain text starts with a content word); and greedy replies to TEXT_QUESTIONS."""
+    from hovle.chat import get_template
+
+    t = get_template(model.config.template)
+    prompt = t.system_block() + t.user + REPLY_REQUEST + t.sep + t.assistant
+    k = len(tokenizer.encode(prompt))
+    plain, n = _perplexity(model, [(tokenizer.encode(text), 1) for text in HELDOUT_TEXT])
+    reply, n_reply = _perplexity(model, [(tokenizer.encode(prompt + text), k) for text in HELDOUT_TEXT])
+    replies = {q: model.chat(tokenizer, None, q, dict(max_new_tokens=max_new_tokens, do_sample=False))
+               for q in TEXT_QUESTIONS}
+    return {"perplexity": plain, "tokens": n, "reply_perplexity": reply, "reply_tokens": n_reply, "replies": replies}
 
 
 def photo_report(model, tokenizer, max_new_tokens: int = 48) -> dict[str, str]:
@@ -303,11 +320,13 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     if n:
         print(f"{'overall':10s} {sum(right.values()):4d}/{n:<4d} {report['overall']:6.1%}")
     report["language"] = language_report(model, tokenizer)
-    print(f"perplexity on held-out text: {report['language']['perplexity']:.2f}")
+    lang = report["language"]
+    print(f"perplexity on held-out text: {lang['perplexity']:.2f} (as a chat reply: {lang['reply_perplexity']:.2f})")
     if baseline is not None:
         base = HoVLE.from_pretrained(baseline, dtype=torch.float32)
         report["baseline_language"] = language_report(base, load_tokenizer(baseline))
-        print(f"baseline ({baseline}) perplexity: {report['baseline_language']['perplexity']:.2f}")
+        lang = report["baseline_language"]
+        print(f"baseline ({baseline}) perplexity: {lang['perplexity']:.2f} (as a chat reply: {lang['reply_perplexity']:.2f})")
     report["photos"] = photo_report(model, tokenizer)
     for name, reply in report["photos"].items():
         print(f"{name}: {reply!r}")

@@ -168,6 +168,10 @@ class AnchorConfig:
     own input embedding e (Stage I: the text distillation itself). Direction and scale both count: HoVLE-Tiny
     run 2 (cosine text loss, no anchor after Stage I) sent its text outputs to 1.6x, then 3.9x, the table's
     norm and SmolLM2's perplexity on held-out prose from 31 to 1,100.
+    text_start_weight: c weights the text term 1 + c / (p + 1) at a row's position p. The LLM attends most
+    to a text's first tokens, and there the module is furthest off (its attention sees only the token itself):
+    on HoVLE-Tiny's held-out prose, the module's error was 0.26 at position 0 and 0.02 after position 16, and
+    giving the LLM SmolLM2's own embeddings at the first 4 positions alone took perplexity from 35.8 to 30.7.
     image_rms_weight: squared log ratio of each image token's RMS to the LLM's mean text-embedding RMS. The
     cosine distill loss leaves that scale free and Adam lets it drift: run 1's image tokens grew to 100x its
     text embeddings, so the LLM saw near-constant image tokens and learned nothing from them.
@@ -188,6 +192,7 @@ class AnchorConfig:
     """
 
     text_weight: float = 0.0
+    text_start_weight: float = 0.0
     image_rms_weight: float = 0.0
     language_kl_weight: float = 0.0
     language_reference: str | None = None
@@ -197,6 +202,7 @@ class AnchorConfig:
 
     def __post_init__(self):
         _check(self.text_weight >= 0, f"anchor.text_weight must be >= 0, got {self.text_weight}")
+        _check(self.text_start_weight >= 0, f"anchor.text_start_weight must be >= 0, got {self.text_start_weight}")
         _check(self.image_rms_weight >= 0, f"anchor.image_rms_weight must be >= 0, got {self.image_rms_weight}")
         _check(self.language_kl_weight >= 0, f"anchor.language_kl_weight must be >= 0, got {self.language_kl_weight}")
         _check(self.vision_kl_weight >= 0, f"anchor.vision_kl_weight must be >= 0, got {self.vision_kl_weight}")

@@ -128,11 +128,15 @@ def relative_error(x: Tensor, target: Tensor) -> Tensor:
     return (x - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-12)
 
 
-def anchor_text_mask(ids: Tensor, valid: Tensor | None, cfg) -> Tensor:
-    """[B, T] bool: text positions whose LLM input embedding exists (not an image slot, not a special id past
-    the LLM vocab, not padding): where anchor.text_weight compares the module's output with that embedding."""
+def anchor_text_weights(ids: Tensor, valid: Tensor | None, cfg, start_weight: float = 0.0) -> Tensor:
+    """[B, T] float: where anchor.text_weight compares the module's output with the LLM's input embedding
+    (text positions whose embedding exists: not an image slot, not a special id past the LLM vocab, not
+    padding), each weighted 1 + start_weight / (p + 1) at its row's position p (anchor.text_start_weight)."""
     keep = (ids != cfg.embedding.img_context_token_id) & (ids < cfg.llm.vocab_size)
-    return keep if valid is None else keep & valid.bool()
+    if valid is not None:
+        keep = keep & valid.bool()
+    position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32)
+    return keep * (1.0 + start_weight / (position + 1.0))
 
 
 def image_rows(ids: Tensor, cfg) -> Tensor:
@@ -188,10 +192,11 @@ class StageModule(nn.Module):
         """Sum over image tokens [..., C] of the squared log ratio of their RMS to the LLM's text RMS."""
         return torch.log(x.float().pow(2).mean(-1).sqrt() / self.text_rms).pow(2).sum()
 
-    def _text_anchor(self, x: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    def _text_anchor(self, x: Tensor, ids: Tensor, valid: Tensor | None) -> Tensor:
+        weights = anchor_text_weights(ids, valid, self.model.config, self.anchor.text_start_weight)
         with torch.no_grad():
             target = self.model.language_model.tok_embeddings(ids.clamp(max=self.model.config.llm.vocab_size - 1))
-        return (relative_error(x, target) * mask).sum()
+        return (relative_error(x, target) * weights).sum()
 
     def _lm(self, b: dict) -> dict[str, Tensor]:
         """Cross-entropy summed over target tokens; the LM head only runs where there is a target (image
@@ -209,7 +214,7 @@ class StageModule(nn.Module):
             keys = ("input_ids", "pixel_values", "hd_input_ids", "attention_mask", "hd_attention_mask")
             out["module_image"] = self._module_image(x, [b[k] for k in keys])
         if self.anchor.text_weight:
-            out["text"] = self._text_anchor(x, ids, anchor_text_mask(ids, b["attention_mask"], m.config))
+            out["text"] = self._text_anchor(x, ids, b["attention_mask"])
         if self.anchor.image_rms_weight:
             out["image_rms"] = self._image_rms(x[ids == m.config.embedding.img_context_token_id])
         if self.reference is not None:
@@ -278,7 +283,7 @@ class StageModule(nn.Module):
                 out["module_image"] = self._module_image(x, [ids, b["pixel_values"], hd])
         if b["text_ids"] is not None:
             x = m.embed(b["text_ids"], attention_mask=b["text_mask"])  # [B, T, C]
-            out["text"] = self._text_anchor(x, b["text_ids"], anchor_text_mask(b["text_ids"], b["text_mask"], m.config))
+            out["text"] = self._text_anchor(x, b["text_ids"], b["text_mask"])
         return out
 
 
@@ -292,7 +297,8 @@ def loss_terms(cfg: TrainConfig) -> list[str]:
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
-    """How many tokens each loss term sums over in this micro-batch (the normaliser's share)."""
+    """How many tokens each loss term sums over in this micro-batch (the normaliser's share; for the text term,
+    the sum of its position weights)."""
     counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"],
               "module_image": batch["llm_image_tokens"],
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
@@ -472,7 +478,8 @@ class Trainer:
                 batch["teacher_features"] = self.feature_cache.features(self.teacher, tp, self.device)
             else:
                 batch["teacher_features"] = self.teacher.features(tp.to(self.device)).float()
-        batch["anchor_text_tokens"] = 0 if ids is None else int(anchor_text_mask(ids, valid, mc).sum())
+        start = self.cfg.anchor.text_start_weight
+        batch["anchor_text_tokens"] = 0 if ids is None else float(anchor_text_weights(ids, valid, mc, start).sum())
         batch["samples"] = len(examples)
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
