@@ -163,9 +163,14 @@ def kl_sum(logits: Tensor, reference_logits: Tensor) -> Tensor:
                     reduction="sum")
 
 
+def _embed_args(b: dict) -> list:
+    """HoVLE.embed's arguments for an LM-stage batch."""
+    return [b[k] for k in ("input_ids", "pixel_values", "hd_input_ids", "attention_mask", "hd_attention_mask")]
+
+
 def _hidden(model: nn.Module, b: dict) -> tuple[Tensor, Tensor]:
     """A HoVLE's LLM inputs x [B, T, C] (the embedding module's outputs) and last hidden states h [B, T, C]."""
-    x = model.embed(b["input_ids"], b["pixel_values"], b["hd_input_ids"], b["attention_mask"], b["hd_attention_mask"])
+    x = model.embed(*_embed_args(b))
     return x, model.language_model.decoder(x, b["attention_mask"].bool())
 
 
@@ -211,8 +216,7 @@ class StageModule(nn.Module):
         if self.anchor.vision_kl_weight:
             out["vision_kl"] = self._vision_kl(b, logits, keep)
         if self.anchor.module_image_weight:
-            keys = ("input_ids", "pixel_values", "hd_input_ids", "attention_mask", "hd_attention_mask")
-            out["module_image"] = self._module_image(x, [b[k] for k in keys])
+            out["module_image"] = self._module_image(x, _embed_args(b))
         if self.anchor.text_weight:
             out["text"] = self._text_anchor(x, ids, b["attention_mask"])
         if self.anchor.image_rms_weight:
@@ -287,13 +291,17 @@ class StageModule(nn.Module):
         return out
 
 
+def loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
+    a = cfg.anchor
+    first = {"image": cfg.distill.image_weight} if cfg.stage == "distill" else {"lm": 1.0}
+    return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
+                    "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
+
+
 def loss_terms(cfg: TrainConfig) -> list[str]:
     """The loss terms this run sums, in logging order (an anchor term only where its weight is set)."""
-    a = cfg.anchor
-    first = ("image", cfg.distill.image_weight) if cfg.stage == "distill" else ("lm", 1.0)
-    return [k for k, w in (first, ("text", a.text_weight), ("image_rms", a.image_rms_weight),
-                           ("language_kl", a.language_kl_weight), ("vision_kl", a.vision_kl_weight),
-                           ("module_image", a.module_image_weight)) if w]
+    return [k for k, w in loss_weights(cfg).items() if w]
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
@@ -488,12 +496,6 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _weights(self) -> dict[str, float]:
-        a = self.cfg.anchor
-        return {"lm": 1.0, "image": self.cfg.distill.image_weight, "text": a.text_weight, "image_rms": a.image_rms_weight,
-                "language_kl": a.language_kl_weight, "vision_kl": a.vision_kl_weight,
-                "module_image": a.module_image_weight}
-
     # ---- one optimizer step ----
 
     def train_step(self) -> StepResult:
@@ -504,7 +506,7 @@ class Trainer:
         local += [sum(input_tokens(b, self.cfg.stage) for b in batches), sum(b["samples"] for b in batches)]
         *totals, tokens, samples = _all_sum(local, self.device)
         totals = dict(zip(keys, totals))
-        weights = self._weights()
+        weights = loss_weights(self.cfg)
         parts = dict.fromkeys(keys, 0.0)
         ddp = isinstance(self.wrapped, DistributedDataParallel)
         for i, b in enumerate(batches):
@@ -546,7 +548,7 @@ class Trainer:
                 sums[k] += float(out[k]) if k in out else 0.0
         total = _all_sum([sums[k] for k in keys] + [counts[k] for k in keys], self.device)
         s, n = dict(zip(keys, total[: len(keys)])), dict(zip(keys, total[len(keys):]))
-        weights = self._weights()
+        weights = loss_weights(self.cfg)
         return sum(weights[k] * s[k] / n[k] for k in keys if n[k] > 0)
 
     # ---- checkpoints ----
