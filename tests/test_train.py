@@ -687,6 +687,25 @@ def test_language_kl_keeps_text_chat_near_the_reference(tmp_path, base, data):
     assert rows and kl[10.0] < 0.3 * kl[0.0] and kl[10.0] < 0.3 * start, (start, kl)
 
 
+def test_lm_weight_zero_distills_the_text_path_through_the_frozen_llm(tmp_path, base, data, tok):
+    """train.lm_weight 0 with anchor.language_kl_weight and the LLM frozen: no cross-entropy is computed or
+    logged, the LLM stays bit-identical, and the module alone learns to make the frozen LLM read text as the
+    reference LLM reads its own embeddings."""
+    reference = HoVLE.from_pretrained(base["pre"])
+    cfg = config(tmp_path, base, data, "sft", train__max_steps=60, train__lm_weight=0.0,
+                 anchor__language_kl_weight=1.0, model__freeze=["language_model."])
+    trained = HoVLE.from_pretrained(train(cfg))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_language_kl" in r for r in records) and not any("loss_lm" in r for r in records)
+    ref_state = reference.state_dict()
+    assert all(torch.equal(p, ref_state[n]) for n, p in trained.state_dict().items() if n.startswith("language_model."))
+    ids = torch.tensor([tok.encode("Say the word green. It is a green circle on a white square.")])
+    start, end = _text_kl(reference, reference, ids), _text_kl(trained, reference, ids)
+    assert end < 0.75 * start, (start, end)  # measured: 11.1 -> 6.7 (the random LLM is far from its inputs)
+    with pytest.raises(ConfigError, match="stage sft learns nothing"):
+        config(tmp_path, base, data, "sft", train__lm_weight=0.0)
+
+
 def test_kl_anchors_need_a_checkpoint_and_an_lm_stage(tmp_path, base, data):
     for kind in ("language", "vision"):
         with pytest.raises(ConfigError, match=f"{kind}_kl_weight is for stages align and sft"):

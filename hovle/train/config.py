@@ -125,12 +125,17 @@ class TrainLoopConfig:
     seed: int = 0
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
     progress: bool = True
+    # Stages align/sft: the cross-entropy term's weight. 0 trains on the anchors alone, e.g. a distillation of
+    # the text path into the reference LLM's next-token distributions (anchor.language_kl_weight) without
+    # fitting the training text itself.
+    lm_weight: float = 1.0
 
     def __post_init__(self):
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.lm_weight >= 0, f"train.lm_weight must be >= 0, got {self.lm_weight}")
         _check(self.precision in ("fp32", "bf16-mixed"),
                f"train.precision must be 'fp32' or 'bf16-mixed', got {self.precision!r}")
 
@@ -256,6 +261,9 @@ class TrainConfig:
         _check(self.stage != "distill" or self.distill.image_weight + a.text_weight + a.module_image_weight > 0,
                "stage distill learns nothing: distill.image_weight, anchor.text_weight and anchor.module_image_weight "
                "are all 0")
+        _check(self.stage == "distill" or self.train.lm_weight + a.text_weight + a.image_rms_weight
+               + a.language_kl_weight + a.vision_kl_weight + a.module_image_weight > 0,
+               f"stage {self.stage} learns nothing: train.lm_weight and every anchor weight are 0")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
                "lora.enabled works with distributed.strategy ddp, not fsdp")

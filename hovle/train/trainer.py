@@ -179,9 +179,10 @@ class StageModule(nn.Module):
 
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
                  head: DistillHead | None = None, anchor: AnchorConfig | None = None,
-                 reference: nn.Module | None = None, vision_reference: nn.Module | None = None):
+                 reference: nn.Module | None = None, vision_reference: nn.Module | None = None, lm: bool = True):
         super().__init__()
         self.model, self.stage, self.head = model, stage, head
+        self.lm = lm  # whether stages align/sft compute their cross-entropy term (train.lm_weight > 0)
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
         self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight / module_image_weight
         self.distill, self.anchor = distill or DistillConfig(), anchor or AnchorConfig()
@@ -209,12 +210,15 @@ class StageModule(nn.Module):
         m, lm = self.model, self.model.language_model
         ids = b["input_ids"]
         x, h = _hidden(m, b)
-        targets = b["labels"][:, 1:]  # position t predicts token t + 1
-        keep = targets != IGNORE_INDEX
-        logits = lm.output(lm.norm(h[:, :-1][keep]))  # [K, V]
-        out = {"lm": F.cross_entropy(logits.float(), targets[keep], reduction="sum")}
-        if self.anchor.vision_kl_weight:
-            out["vision_kl"] = self._vision_kl(b, logits, keep)
+        out = {}
+        if self.lm or self.anchor.vision_kl_weight:
+            targets = b["labels"][:, 1:]  # position t predicts token t + 1
+            keep = targets != IGNORE_INDEX
+            logits = lm.output(lm.norm(h[:, :-1][keep]))  # [K, V]
+            if self.lm:
+                out["lm"] = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            if self.anchor.vision_kl_weight:
+                out["vision_kl"] = self._vision_kl(b, logits, keep)
         if self.anchor.module_image_weight:
             out["module_image"] = self._module_image(x, _embed_args(b))
         if self.anchor.text_weight:
@@ -294,7 +298,7 @@ class StageModule(nn.Module):
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
     """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
     a = cfg.anchor
-    first = {"image": cfg.distill.image_weight} if cfg.stage == "distill" else {"lm": 1.0}
+    first = {"image": cfg.distill.image_weight} if cfg.stage == "distill" else {"lm": cfg.train.lm_weight}
     return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
                     "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
 
@@ -395,7 +399,8 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references()).to(self.device)
+        self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references(),
+                                  lm=bool(cfg.train.lm_weight)).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -513,8 +518,9 @@ class Trainer:
             last = i == len(batches) - 1
             with (self.wrapped.no_sync() if ddp and not last else nullcontext()), self._autocast():
                 sums = self.wrapped(b)
-            # Each term is a share of the global mean; DDP/FSDP average gradients, hence * world.
-            shares = {k: s / totals[k] for k, s in sums.items() if totals[k] > 0}
+            # Each term is a share of the global mean; DDP/FSDP average gradients, hence * world. A term with no
+            # tokens in the whole step joins at 0, so a micro-batch without any still has a graph to backward.
+            shares = {k: s / totals[k] if totals[k] > 0 else s * 0.0 for k, s in sums.items()}
             loss = sum(weights[k] * v for k, v in shares.items())
             (loss * self.world).backward()
             for k, v in shares.items():
