@@ -306,6 +306,7 @@ def test_ship_round_trip(trained, tok):
 def test_ship_refuses_what_it_cannot_rebuild(trained, monkeypatch):
     import json
 
+    from hovle import HoVLE
     from hovle.tiny.ship import MANIFEST, export, load_shipped
 
     model, tmp = trained
@@ -315,6 +316,13 @@ def test_ship_refuses_what_it_cannot_rebuild(trained, monkeypatch):
     model.save_pretrained(tmp / "full_rank")
     with pytest.raises(ConfigError, match=r"layers\.3\.attention\.wo\.weight differs from SmolLM2 by more than rank 2"):
         export(tmp / "full_rank", tmp / "x", rank=2)
+    manifest = export(tmp / "full_rank", tmp / "truncated", rank=2, dtype=torch.float32, truncate=True)
+    name = "language_model.decoder.layers.3.attention.wo.weight"
+    base = HoVLE.from_pretrained(tmp / "full").state_dict()[name]  # the same model before the full-rank change
+    u, sv, vh = torch.linalg.svd(w.detach() - base)
+    best = base + (u[:, :2] * sv[:2]) @ vh[:2]  # the best rank-2 approximation of the change (Eckart-Young)
+    torch.testing.assert_close(HoVLE.from_pretrained(tmp / "truncated").state_dict()[name], best, atol=2e-6, rtol=0)
+    assert manifest["delta_left_out"] == pytest.approx(float(sv[2:].norm() / sv.norm()), rel=1e-4)
     with torch.no_grad():
         model.embedding_model.llm_text_embeddings.weight.add_(0.01)
     model.save_pretrained(tmp / "table")

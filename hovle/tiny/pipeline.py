@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
     s.add_argument("--out", required=True)
     s.add_argument("--rank", type=int, default=16, help="rank of the LLM deltas (the Stage III LoRA rank)")
+    s.add_argument("--truncate", action="store_true",
+                   help="keep each LLM delta's best rank-RANK part when it has more (a LoRA continued a shipped model)")
     r = sub.add_parser("probe", help="linear-probe colour/shape/count from a model's image tokens")
     r.add_argument("--model", required=True)
     r.add_argument("--scenes", required=True, help="a {split}_scenes.jsonl (images relative to its folder)")
@@ -468,8 +470,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "ship":
         from hovle.tiny.ship import export
 
-        manifest = export(args.model, args.out, args.rank)
-        print(f"ship: wrote {args.out} ({manifest['bytes'] / 2**20:.1f} MiB, {manifest['llm_deltas']} LLM deltas)")
+        manifest = export(args.model, args.out, args.rank, truncate=args.truncate)
+        print(f"ship: wrote {args.out} ({manifest['bytes'] / 2**20:.1f} MiB, {manifest['llm_deltas']} LLM deltas, "
+              f"{manifest['delta_left_out']:.1e} of a delta's norm left out at most)")
     else:
         report = evaluate(args.model, args.data, args.json, args.limit, args.max_new_tokens, args.threads,
                           args.baseline)

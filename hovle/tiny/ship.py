@@ -103,15 +103,17 @@ def load_shipped_tokenizer(name_or_path: str | Path) -> HFTokenizer:
 
 @torch.no_grad()
 def export(model_dir: str | Path, out: str | Path, rank: int = 16, dtype: torch.dtype = torch.bfloat16,
-           summary: dict | None = None) -> dict:
+           summary: dict | None = None, truncate: bool = False) -> dict:
     """Write the shipped form of a trained HoVLE-Tiny folder (the full fp32 model `hovle train` saves).
 
     Every LLM tensor must be SmolLM2's or differ from it by a rank-`rank` matrix (merged LoRA); the embedding
     module's text table must be SmolLM2's (train with `model.freeze: [embedding_model.llm_text_embeddings]`).
+    With `truncate`, each delta keeps its best rank-`rank` approximation whatever its rank (a fresh LoRA on a
+    shipped model adds to it); the manifest records the largest relative norm left out.
     """
     model = HoVLE.from_pretrained(model_dir)
     base = load_smollm2_llm()[0]
-    tensors, deltas = {}, 0
+    tensors, deltas, left_out = {}, 0, 0.0
     for name, p in model.state_dict().items():
         if name == TEXT_TABLE:
             if not torch.equal(p, base["language_model.tok_embeddings.weight"]):
@@ -123,7 +125,8 @@ def export(model_dir: str | Path, out: str | Path, rank: int = 16, dtype: torch.
                 raise ConfigError(f"{model_dir}: {name} differs from SmolLM2 and is not a linear weight")
             u, s, vh = torch.linalg.svd(p - base[name], full_matrices=False)
             rest = (s[rank:].norm() / s.norm()).item()
-            if rest > 1e-3:
+            left_out = max(left_out, rest)
+            if rest > 1e-3 and not truncate:
                 raise ConfigError(f"{model_dir}: {name} differs from SmolLM2 by more than rank {rank} ({rest:.1e} left)")
             root = s[:rank].sqrt()
             tensors[name + ".delta_a"] = (root[:, None] * vh[:rank]).to(dtype).contiguous()
@@ -138,6 +141,7 @@ def export(model_dir: str | Path, out: str | Path, rank: int = 16, dtype: torch.
     manifest = {"format": FORMAT, "name": NAME, "base": {"package": PIP_HINT.split()[-1], "file": GGUF_FILE,
                                                           "bytes": gguf_path().stat().st_size},
                 "lora_rank": rank, "dtype": str(dtype).removeprefix("torch."), "llm_deltas": deltas,
+                "delta_left_out": round(left_out, 6),
                 "bytes": (out / WEIGHTS).stat().st_size, **(summary or {})}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
