@@ -104,10 +104,20 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     language = _stage("stage3_language.yaml", s3, run / "language", "conversation", d / "train_sft.jsonl",
                       d / "heldout_sft.jsonl", "data.max_length=512", f"anchor.language_reference={run / 'init'}",
                       f"anchor.vision_reference={s3}")
+    from hovle.config import ConfigError
     from hovle.tiny.ship import export
 
-    manifest = export(language, run / "ship", rank=24)  # the module + rank-24 deltas of the LLM linears
+    manifest = export(language, run / "language_ship", rank=24)  # the module + rank-24 deltas of the LLM linears
     assert manifest["llm_deltas"] == 4 * S.SMOLLM2_135M.num_layers and manifest["bytes"] < 40e6
+
+    # The last step starts from a shipped folder, adds rank-8 adapters, and ships truncated back to rank 24.
+    text_kl = _stage("text_kl.yaml", run / "language_ship", run / "text_kl", "conversation", d / "train_sft.jsonl",
+                     d / "heldout_sft.jsonl", f"anchor.language_reference={run / 'init'}",
+                     f"anchor.vision_reference={run / 'language_ship'}")
+    with pytest.raises(ConfigError, match="differs from SmolLM2 by more than rank 24"):
+        export(text_kl, run / "ship", rank=24)
+    manifest = export(text_kl, run / "ship", rank=24, truncate=True)
+    assert manifest["bytes"] < 40e6 and 0 < manifest["delta_left_out"] < 1
     out = P.evaluate(run / "ship", d / "eval.jsonl", run / "eval.json", limit=1, max_new_tokens=4)
     saved = json.loads((run / "eval.json").read_text())
     assert saved["n"] == out["n"] == 5
