@@ -261,8 +261,7 @@ class TrainConfig:
         _check(self.stage != "distill" or self.distill.image_weight + a.text_weight + a.module_image_weight > 0,
                "stage distill learns nothing: distill.image_weight, anchor.text_weight and anchor.module_image_weight "
                "are all 0")
-        _check(self.stage == "distill" or self.train.lm_weight + a.text_weight + a.image_rms_weight
-               + a.language_kl_weight + a.vision_kl_weight + a.module_image_weight > 0,
+        _check(self.stage == "distill" or any(self.loss_weights().values()),
                f"stage {self.stage} learns nothing: train.lm_weight and every anchor weight are 0")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
@@ -273,6 +272,13 @@ class TrainConfig:
         for kl in ("language_kl_weight", "vision_kl_weight"):
             _check(not (self.stage == "distill" and getattr(self.anchor, kl)),
                    f"anchor.{kl} is for stages align and sft: stage distill never runs the LLM")
+
+    def loss_weights(self) -> dict[str, float]:
+        """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
+        a = self.anchor
+        first = {"image": self.distill.image_weight} if self.stage == "distill" else {"lm": self.train.lm_weight}
+        return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
+                        "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

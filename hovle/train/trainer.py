@@ -295,17 +295,9 @@ class StageModule(nn.Module):
         return out
 
 
-def loss_weights(cfg: TrainConfig) -> dict[str, float]:
-    """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
-    a = cfg.anchor
-    first = {"image": cfg.distill.image_weight} if cfg.stage == "distill" else {"lm": cfg.train.lm_weight}
-    return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
-                    "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
-
-
 def loss_terms(cfg: TrainConfig) -> list[str]:
     """The loss terms this run sums, in logging order (an anchor term only where its weight is set)."""
-    return [k for k, w in loss_weights(cfg).items() if w]
+    return [k for k, w in cfg.loss_weights().items() if w]
 
 
 def target_counts(batch: dict, stage: str) -> dict[str, int]:
@@ -511,7 +503,7 @@ class Trainer:
         local += [sum(input_tokens(b, self.cfg.stage) for b in batches), sum(b["samples"] for b in batches)]
         *totals, tokens, samples = _all_sum(local, self.device)
         totals = dict(zip(keys, totals))
-        weights = loss_weights(self.cfg)
+        weights = self.cfg.loss_weights()
         parts = dict.fromkeys(keys, 0.0)
         ddp = isinstance(self.wrapped, DistributedDataParallel)
         for i, b in enumerate(batches):
@@ -554,7 +546,7 @@ class Trainer:
                 sums[k] += float(out[k]) if k in out else 0.0
         total = _all_sum([sums[k] for k in keys] + [counts[k] for k in keys], self.device)
         s, n = dict(zip(keys, total[: len(keys)])), dict(zip(keys, total[len(keys):]))
-        weights = loss_weights(self.cfg)
+        weights = self.cfg.loss_weights()
         return sum(weights[k] * s[k] / n[k] for k in keys if n[k] > 0)
 
     # ---- checkpoints ----
