@@ -91,6 +91,15 @@ def test_pixels_show_the_stated_shapes_and_colours():
         q = scene["count_query"]
         match = [o for o in scene["objects"] if (q["shape"] in (None, o["shape"])) and (q["color"] in (None, o["color"]))]
         assert len(match) == q["count"] == 1 + i % 5
+        # Stage I's object targets: every pixel of a shape's colour lies in a box of that colour (to a pixel)
+        ys, xs = np.mgrid[0:224, 0:224] + 0.5
+        covered = np.zeros((224, 224, len(names)), dtype=bool)
+        for o in D.object_boxes(scene):
+            x0, y0, x1, y1 = (v * 224 for v in o["box"])
+            covered[..., names.index(o["color"])] |= (abs(xs - (x0 + x1) / 2) <= (x1 - x0) / 2 + 1) & (
+                abs(ys - (y0 + y1) / 2) <= (y1 - y0) / 2 + 1)
+        shape_px = close & (dist.min(-1) < 20)
+        assert np.take_along_axis(covered, nearest[..., None], -1)[..., 0][shape_px].all()
 
 
 def test_photo_scenes():

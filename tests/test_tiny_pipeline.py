@@ -79,6 +79,8 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     s1 = _stage("stage1_distill.yaml", run / "init", run / "stage1", "caption",
                 d / "train_caption.jsonl", d / "heldout_caption.jsonl", f"distill.feature_cache={run / 'features'}")
     assert list((run / "features").rglob("*.safetensors"))  # the teacher's features, cached for later epochs
+    s1_rows = [json.loads(line) for line in (run / "stage1/metrics.jsonl").read_text().splitlines()]
+    assert all("loss_object" in r for r in s1_rows if "loss" in r)  # prepare's captions carry the object boxes
     s2 = _stage("stage2_align.yaml", s1, run / "stage2", "caption",
                 d / "train_caption.jsonl", d / "heldout_caption.jsonl")
     s3 = _stage("stage3_sft.yaml", s2, run / "stage3", "conversation",

@@ -579,6 +579,61 @@ def test_distill_head_maps_each_token_to_its_own_teacher_patches():
     assert resized(x).shape == (1, 9, 3)
 
 
+def test_object_targets_mark_centres_and_cover_cells_with_attributes():
+    """A 4x4 grid: each box's centre cell is flagged, the cells whose centres a box covers carry its attributes
+    (the nearer centre where boxes overlap), the rest are ignored; bad boxes and unknown values are named."""
+    from hovle.train.data import BadSample, object_targets, record_from_dict
+
+    labels = {"color": ["red", "blue"], "shape": ["circle", "square"]}
+    objects = [{"box": [0.0, 0.0, 0.5, 0.5], "color": "red", "shape": "circle"},
+               {"box": [0.3, 0.3, 1.0, 1.0], "color": "blue", "shape": "square"}]
+    t = object_targets(objects, labels, 4).reshape(4, 4, 3)
+    centre = torch.zeros(4, 4, dtype=torch.long)
+    centre[1, 1] = centre[2, 2] = 1  # box centres (0.25, 0.25) and (0.65, 0.65)
+    assert torch.equal(t[..., 0], centre)
+    color = torch.full((4, 4), -100)
+    color[:2, :2] = 0  # the red box covers cell centres 0.125 and 0.375
+    color[2:, 1:] = color[1:, 2:] = 1  # the blue box from 0.375 on; cell (1, 1) is nearer the red centre
+    assert torch.equal(t[..., 1], color), t[..., 1]
+    assert torch.equal(t[..., 2], color)  # circle <-> red, square <-> blue
+    with pytest.raises(BadSample, match="object color 'teal' is not one of"):
+        object_targets([{"box": [0, 0, 1, 1], "color": "teal", "shape": "circle"}], labels, 4)
+    for bad in ([{"box": [0.5, 0, 0.2, 1]}], [{"shape": "circle"}], "circle"):
+        with pytest.raises(BadSample, match="box must be|objects must be a list"):
+            record_from_dict({"image": "a.png", "caption": "x", "objects": bad}, "caption", Path("."), "?")
+    with pytest.raises(BadSample, match="objects need exactly one image"):
+        record_from_dict({"caption": "x", "objects": []}, "caption", Path("."), "?")
+
+
+def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, data):
+    """distill.object_weight alone (no teacher): a red or blue square in one quadrant of each image; the module's
+    2x2 image tokens learn which one holds it and its colour. Images without boxes in the same run are ignored.
+    The term needs a one-tile stage distill and its labels."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        img = np.full((56, 56, 3), 230, dtype=np.uint8)
+        qy, qx, color = int(rng.integers(2)), int(rng.integers(2)), ["red", "blue"][i % 2]
+        img[28 * qy + 6:28 * qy + 22, 28 * qx + 6:28 * qx + 22] = (220, 20, 20) if color == "red" else (20, 30, 220)
+        Image.fromarray(img).save(tmp_path / f"sq{i}.png")
+        box = [(28 * qx + 6) / 56, (28 * qy + 6) / 56, (28 * qx + 22) / 56, (28 * qy + 22) / 56]
+        rows.append({"image": f"sq{i}.png", "caption": f"a {color} square", "objects": [{"box": box, "color": color}]})
+    (tmp_path / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [{"path": str(tmp_path / "boxes.jsonl"), "format": "caption"},
+               {"path": str(data / "captions.jsonl"), "format": "caption"}]
+    over = dict(sources=sources, data__max_tiles=1, distill__image_weight=0.0, distill__object_weight=1.0,
+                distill__object_labels={"color": ["red", "blue"]})
+    cfg = config(tmp_path, base, data, "distill", train__max_steps=40, **over)
+    assert cfg.loss_weights()["object"] == 1.0
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if "loss_object" in x]
+    first, last = np.mean([r["loss_object"] for r in rows[:4]]), np.mean([r["loss_object"] for r in rows[-4:]])
+    assert last < 0.3 * first, (first, last)
+    with pytest.raises(ConfigError, match="distill.object_weight is for stage distill with data.max_tiles 1"):
+        config(tmp_path, base, data, "distill", **(over | {"data__max_tiles": 2}))
+    with pytest.raises(ConfigError, match="distill.object_weight needs distill.object_labels"):
+        config(tmp_path, base, data, "distill", **(over | {"distill__object_labels": {}}))
+
 def _image_to_text_rms(model: HoVLE) -> float:
     """How far the embedding module's image tokens are from the LLM's text-embedding scale: |log RMS ratio|."""
     cfg = model.config

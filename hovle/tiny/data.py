@@ -11,7 +11,7 @@ Layout written by `write_dataset(root, ...)` (image paths are relative to `root`
     root/images/{split}/{index:06d}.png
     root/{split}_sft.jsonl      {"image": "images/train/000000.png", "conversations": [...], "meta": {...}}
                                 text-only samples have no "image"
-    root/{split}_caption.jsonl  {"image": ..., "caption": ...}
+    root/{split}_caption.jsonl  {"image": ..., "caption": ..., "objects": [{"box", "color", "shape"}, ...]}
     root/{split}_scenes.jsonl   {"image": ..., "scene": {...}} (ground truth for analysis)
     root/{split}_text.jsonl     the text-only chats of {split}_sft.jsonl (mixed into Stage II)
     root/eval.jsonl             one question per image, "meta": {"qtype", "question", "expected", "accepted"}
@@ -930,6 +930,15 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return write_lines(path, (json.dumps(row, ensure_ascii=False) for row in rows))
 
 
+def object_boxes(scene: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scene's shapes as Stage I object targets (distill.object_weight): each one's bounding box in 0-1
+    image coordinates (its centre +- its radius), colour and shape. Photos and rendered words have none."""
+    w, h = scene["width"], scene["height"]
+    return [{"box": [round(max(0.0, (o["cx"] - o["r"]) / w), 4), round(max(0.0, (o["cy"] - o["r"]) / h), 4),
+                     round(min(1.0, (o["cx"] + o["r"]) / w), 4), round(min(1.0, (o["cy"] + o["r"]) / h), 4)],
+             "color": o["color"], "shape": o["shape"]} for o in scene["objects"]]
+
+
 def write_split(root: str | Path, split: str, n_images: int, seed: int, text_samples: Iterable[tuple[str, str]] | None = None,
                 text_fraction: float = 0.1, multi_turn_fraction: float = 0.8) -> dict[str, Any]:
     """Render `n_images` scenes and write `{split}_sft.jsonl`, `{split}_caption.jsonl`, `{split}_scenes.jsonl`
@@ -949,7 +958,7 @@ def write_split(root: str | Path, split: str, n_images: int, seed: int, text_sam
         rel = f"images/{split}/{i:06d}.png"
         _save_png(render_scene(scene), root / rel)
         rng = _rng(seed, i, "language")
-        caps.append({"image": rel, "caption": caption(scene, rng)})
+        caps.append({"image": rel, "caption": caption(scene, rng), "objects": object_boxes(scene)})
         sft.append(image_sample(scene, rng, rel, rng.random() < multi_turn_fraction))
         scenes.append({"image": rel, "scene": scene})
         while t_done < (i + 1) * n_text // n_images:  # spread the text-only chats evenly

@@ -157,12 +157,26 @@ class DistillConfig:
     patch_weights: str = "uniform"
     # A folder for the teacher's features (FeatureCache): every epoch after the first skips the teacher.
     feature_cache: str | None = None
+    # Dense object targets from the data's own boxes (a record's "objects": [{"box": [x0, y0, x1, y1] in 0-1
+    # image coordinates, attribute: value, ...}]): a training-only linear head on each image token predicts
+    # whether an object's centre lies in its cell and, where a box covers the cell, each attribute listed in
+    # object_labels ({attribute: [values]}). A teacher's patch features carry what is where, but not which
+    # patches make one object: on HoVLE-Tiny's data, count stayed at 48% for a linear probe of pooled Stage I
+    # tokens, and the LLM never learned to count from them.
+    object_weight: float = 0.0
+    object_labels: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
         _check(self.patch_weights in ("uniform", "salient"),
                f"distill.patch_weights must be 'uniform' or 'salient', got {self.patch_weights!r}")
         _check(self.image_weight >= 0, f"distill.image_weight must be >= 0, got {self.image_weight}")
+        _check(self.object_weight >= 0, f"distill.object_weight must be >= 0, got {self.object_weight}")
+        _check(not self.object_weight or bool(self.object_labels),
+               "distill.object_weight needs distill.object_labels ({attribute: [values]})")
+        for k, v in self.object_labels.items():
+            _check(isinstance(v, list) and len(v) >= 2 and len(set(v)) == len(v),
+                   f"distill.object_labels[{k!r}] must be a list of at least 2 distinct values, got {v!r}")
 
 
 @dataclass
@@ -257,12 +271,11 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        a = self.anchor
-        _check(self.stage != "distill" or self.distill.image_weight + a.text_weight + a.module_image_weight > 0,
-               "stage distill learns nothing: distill.image_weight, anchor.text_weight and anchor.module_image_weight "
-               "are all 0")
-        _check(self.stage == "distill" or any(self.loss_weights().values()),
-               f"stage {self.stage} learns nothing: train.lm_weight and every anchor weight are 0")
+        learning = {k: w for k, w in self.loss_weights().items() if k != "image_rms"}  # image_rms only holds a scale
+        _check(any(learning.values()), f"stage {self.stage} learns nothing: the weights of {', '.join(learning)} are all 0")
+        _check(not self.distill.object_weight or (self.stage == "distill" and self.data.max_tiles == 1),
+               "distill.object_weight is for stage distill with data.max_tiles 1 (object boxes are given on the "
+               f"whole image), not stage {self.stage} with data.max_tiles {self.data.max_tiles}")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
                "lora.enabled works with distributed.strategy ddp, not fsdp")
@@ -275,8 +288,8 @@ class TrainConfig:
 
     def loss_weights(self) -> dict[str, float]:
         """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
-        a = self.anchor
-        first = {"image": self.distill.image_weight} if self.stage == "distill" else {"lm": self.train.lm_weight}
+        a, d = self.anchor, self.distill
+        first = {"image": d.image_weight, "object": d.object_weight} if self.stage == "distill" else {"lm": self.train.lm_weight}
         return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
                         "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
 

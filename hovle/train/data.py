@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import posixpath
 import random
 import re
@@ -61,6 +62,7 @@ class Record:
     images: list[str | bytes] = field(default_factory=list)
     turns: list[tuple[str, str]] | None = None  # (role in user|assistant|system, text); None for plain text
     text: str | None = None  # plain text (format text)
+    objects: list[dict] | None = None  # boxes and attributes of the objects in its one image (distill.object_weight)
 
 
 def _resolve(image: str, root: Path) -> str:
@@ -77,6 +79,7 @@ def record_from_dict(d: dict, fmt: str, root: Path, caption_prompt: str, images:
         if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
             raise BadSample("bad_record", f"image field {raw!r}")
         images = [_resolve(p, root) for p in raw]
+    objects = _objects(d["objects"], len(images)) if "objects" in d else None
     if "conversations" in d or fmt == "conversation":
         conv = d.get("conversations")
         if not isinstance(conv, list) or not conv:
@@ -86,11 +89,52 @@ def record_from_dict(d: dict, fmt: str, root: Path, caption_prompt: str, images:
             if not isinstance(t, dict) or ROLES.get(t.get("from")) is None or not isinstance(t.get("value"), str):
                 raise BadSample("bad_record", f"turn {t!r}")
             turns.append((ROLES[t["from"]], t["value"]))
-        return Record(images=images, turns=turns)
+        return Record(images=images, turns=turns, objects=objects)
     caption = d.get("caption", d.get("text"))
     if not isinstance(caption, str) or not caption.strip():
         raise BadSample("bad_record", "no caption")
-    return Record(images=images, turns=[("user", caption_prompt), ("assistant", caption)])
+    return Record(images=images, turns=[("user", caption_prompt), ("assistant", caption)], objects=objects)
+
+
+def _objects(objects, n_images: int) -> list[dict]:
+    """A record's "objects" field, checked: a list of {"box": [x0, y0, x1, y1] in 0-1 image coordinates, ...}
+    describing the record's one image."""
+    if n_images != 1:
+        raise BadSample("bad_record", f"objects need exactly one image, the record has {n_images}")
+    if not isinstance(objects, list):
+        raise BadSample("bad_record", f"objects must be a list, got {objects!r}")
+    for o in objects:
+        box = o.get("box") if isinstance(o, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and 0 <= box[0] <= box[2] <= 1 and 0 <= box[1] <= box[3] <= 1):
+            raise BadSample("bad_record", f"object {o!r}: box must be [x0, y0, x1, y1] with 0 <= x0 <= x1 <= 1 "
+                                          "and 0 <= y0 <= y1 <= 1")
+    return objects
+
+
+def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int) -> Tensor:
+    """[grid*grid, 1 + len(labels)] long targets of the image tokens, row-major over the image: column 0 is 1 where
+    an object's box centre lies in the token's cell, else 0; column 1 + i is the index in labels' i-th value list
+    of that attribute of the object whose box covers the cell's centre (the nearest centre where boxes overlap),
+    IGNORE_INDEX where none does."""
+    out = torch.full((grid, grid, 1 + len(labels)), IGNORE_INDEX, dtype=torch.long)
+    out[..., 0] = 0
+    centre = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # cell centres, 0-1
+    v, u = torch.meshgrid(centre, centre, indexing="ij")  # [g, g] row (y) and column (x)
+    best = torch.full((grid, grid), float("inf"), dtype=torch.float64)
+    for o in objects:
+        x0, y0, x1, y1 = o["box"]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1), 0] = 1
+        dist = (u - cx) ** 2 + (v - cy) ** 2
+        cover = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1) & (dist < best)
+        best = torch.where(cover, dist, best)
+        for i, (attr, values) in enumerate(labels.items()):
+            if o.get(attr) not in values:
+                raise BadSample("bad_record", f"object {attr} {o.get(attr)!r} is not one of distill.object_labels"
+                                              f"[{attr!r}] {values}")
+            out[..., 1 + i][cover] = values.index(o[attr])
+    return out.reshape(grid * grid, -1)
 
 
 def read_source(src: SourceConfig, caption_prompt: str) -> list[Record | BadSample]:
@@ -336,15 +380,17 @@ class Example:
     hd_input_ids: Tensor | None = None
     pixel_values: Tensor | None = None
     teacher_pixels: Tensor | None = None
+    object_targets: Tensor | None = None  # [1, n, 1 + attributes]: the one tile's tokens (distill.object_weight)
 
 
 class Encoder:
     """Record -> Example for one stage: renders the model's chat template and masks labels to replies."""
 
     def __init__(self, model_cfg: HoVLEConfig, tokenizer, data_cfg: DataConfig, stage: str, teacher=None,
-                 distill_text: bool = True):
+                 distill_text: bool = True, object_labels: dict[str, list[str]] | None = None):
         self.cfg, self.tok, self.data, self.stage, self.teacher = model_cfg, tokenizer, data_cfg, stage, teacher
         self.distill_text = distill_text  # Stage I: whether text has a target (anchor.text_weight)
+        self.object_labels = object_labels  # Stage I: the attributes of distill.object_weight's targets
         self.template = get_template(model_cfg.template)
         self.max_tiles = data_cfg.max_tiles or (model_cfg.max_dynamic_patch if model_cfg.dynamic_image_size else 1)
         self.min_tiles = min(model_cfg.min_dynamic_patch, self.max_tiles)
@@ -431,6 +477,9 @@ class Encoder:
             ex.pixel_values = torch.stack([image_to_tensor(t, self.cfg.tile_size) for t in tiles])  # [N, 3, S, S]
             if self.teacher is not None:
                 ex.teacher_pixels = torch.stack([self.teacher.preprocess(t) for t in tiles])  # [N, 3, s, s]
+            if self.object_labels and rec.objects is not None:  # one tile: data.max_tiles is 1
+                grid = math.isqrt(self.cfg.num_image_token)
+                ex.object_targets = object_targets(rec.objects, self.object_labels, grid)[None]
         text = rec.text if rec.turns is None else "\n".join(v.replace("<image>", "").strip() for _, v in rec.turns)
         if text and text.strip() and self.distill_text:
             ids = self.tok.encode(text.strip())
@@ -547,11 +596,17 @@ def collate_distill(examples: list[Example], pad_id: int) -> dict[str, Tensor | 
     """Image tiles of all samples (each tile its own sequence) and the padded text of all samples."""
     pv = [e.pixel_values for e in examples if e.pixel_values is not None]
     text = [e.input_ids for e in examples if e.input_ids is not None]
-    batch = {"pixel_values": None, "teacher_pixels": None, "text_ids": None, "text_mask": None}
+    batch = {"pixel_values": None, "teacher_pixels": None, "object_targets": None, "text_ids": None, "text_mask": None}
     if pv:
         batch["pixel_values"] = torch.cat(pv)  # [N, 3, S, S]
         tp = [e.teacher_pixels for e in examples if e.teacher_pixels is not None]
         batch["teacher_pixels"] = torch.cat(tp) if tp else None
+        ot = [e.object_targets for e in examples if e.object_targets is not None]
+        if ot:  # [N, n, 1 + attributes]; the tiles of images without objects are ignored
+            blank = torch.full_like(ot[0][:1], IGNORE_INDEX)
+            batch["object_targets"] = torch.cat([
+                blank.expand(len(e.pixel_values), -1, -1) if e.object_targets is None else e.object_targets
+                for e in examples if e.pixel_values is not None])
     if text:
         batch["text_ids"], batch["text_mask"] = _pad_right(text, pad_id)  # [B, T]
     return batch

@@ -86,6 +86,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 # ---- losses ---------------------------------------------------------------------------------------------------
 
 
+def seeded_init(head: nn.Module, seed: int) -> nn.Module:
+    """A training-only head's weights N(0, 0.02) and zero biases from its own seed: the same in every run of a
+    config, whatever else (a teacher, another head) was built before it."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
+    return head
+
+
 class DistillHead(nn.Module):
     """Training-only student head: the student's g x g tokens of width C -> the teacher's t x t grid of width D.
     When t = r * g, each token predicts its own r x r teacher patches (a linear map to r*r*D, then
@@ -112,6 +122,18 @@ class DistillHead(nn.Module):
                               antialias=g > self.grid).to(x.dtype)
             x = x.flatten(2).transpose(1, 2)
         return x
+
+
+def object_loss(logits: Tensor, targets: Tensor, sizes: list[int]) -> Tensor:
+    """Sum over labelled image tokens of distill.object_weight's loss: `logits` [N, n, 1 + sum(sizes)] (an object
+    centre's logit, then each attribute's classes), `targets` [N, n, 1 + len(sizes)] (data.object_targets).
+    Binary cross-entropy on the centre flag of every token of an image with objects, cross-entropy on each
+    attribute where a box covers the token."""
+    logits, keep = logits.float(), targets[..., 0] != IGNORE_INDEX
+    loss = F.binary_cross_entropy_with_logits(logits[..., 0][keep], targets[..., 0][keep].float(), reduction="sum")
+    for i, attr in enumerate(logits[..., 1:].split(sizes, dim=-1)):
+        loss = loss + F.cross_entropy(attr.flatten(0, 1), targets[..., 1 + i].flatten(), reduction="sum")
+    return loss
 
 
 def token_loss(student: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -179,9 +201,10 @@ class StageModule(nn.Module):
 
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
                  head: DistillHead | None = None, anchor: AnchorConfig | None = None,
-                 reference: nn.Module | None = None, vision_reference: nn.Module | None = None, lm: bool = True):
+                 reference: nn.Module | None = None, vision_reference: nn.Module | None = None, lm: bool = True,
+                 object_head: nn.Linear | None = None):
         super().__init__()
-        self.model, self.stage, self.head = model, stage, head
+        self.model, self.stage, self.head, self.object_head = model, stage, head, object_head
         self.lm = lm  # whether stages align/sft compute their cross-entropy term (train.lm_weight > 0)
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
         self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight / module_image_weight
@@ -285,6 +308,12 @@ class StageModule(nn.Module):
             x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
             if self.head is not None:
                 out["image"] = self._teacher_loss(x, b["teacher_features"])
+            if self.object_head is not None:
+                targets = b["object_targets"]
+                if targets is None:
+                    out["object"] = x.sum() * 0.0  # keeps every process's graph the same shape under DDP
+                else:
+                    out["object"] = object_loss(self.object_head(x), targets, [len(v) for v in self.distill.object_labels.values()])
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
             if self.anchor.module_image_weight:
@@ -308,8 +337,9 @@ def target_counts(batch: dict, stage: str) -> dict[str, int]:
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
-    tf = batch["teacher_features"]
-    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1]}
+    tf, ot = batch["teacher_features"], batch["object_targets"]
+    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1],
+                     "object": 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())}
 
 
 def input_tokens(batch: dict, stage: str) -> int:
@@ -391,8 +421,12 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        object_head = None
+        if cfg.distill.object_weight:  # the centre flag, then each attribute's classes
+            classes = 1 + sum(len(v) for v in cfg.distill.object_labels.values())
+            object_head = seeded_init(nn.Linear(self.model.config.llm.hidden_size, classes), cfg.train.seed + 2)
         self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references(),
-                                  lm=bool(cfg.train.lm_weight)).to(self.device)
+                                  lm=bool(cfg.train.lm_weight), object_head=object_head).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -400,7 +434,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
         encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher,
-                          distill_text=bool(cfg.anchor.text_weight))
+                          distill_text=bool(cfg.anchor.text_weight), object_labels=cfg.distill.object_labels)
         train_stream, eval_stream = build_streams(cfg.data, cfg.train.seed, self.rank, self.world)
         self.loader = Loader(train_stream, encoder, cfg.data.num_workers, cfg.data.group_by_length)
         self.eval_loader = Loader(eval_stream, encoder, cfg.data.num_workers) if eval_stream is not None else None
@@ -421,11 +455,7 @@ class Trainer:
         if grid * grid != tokens:
             raise ConfigError(f"distill.teacher gives {tokens} tokens per image, not a square grid")
         head = DistillHead(self.model.config.llm.hidden_size, teacher.dim, math.isqrt(self.model.config.num_image_token), grid)
-        with torch.no_grad():  # seeded like the rest of the run, independent of the teacher's init
-            gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
-            for p in head.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
-        return teacher, head
+        return teacher, seeded_init(head, self.cfg.train.seed + 1)
 
     def _references(self) -> tuple[nn.Module | None, nn.Module | None]:
         """The frozen models the KL anchors compare with: the LLM of anchor.language_reference and the whole
