@@ -90,6 +90,14 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively. CPUs without AVX512-BF16 or AMX emulate it: on a
+    2-core AVX2 EPYC a bf16 GEMM ran at 1.2 GFLOP/s against fp32's 125, and bf16-mixed training 15x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
 def _build(target: Path) -> None:
     """Compile gemv.c to `target` atomically (a concurrent process never sees a half-written library), and
     remove the builds of older sources (a process still using one keeps its mapped copy)."""

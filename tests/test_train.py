@@ -28,7 +28,7 @@ from hovle.chat import expand_images, get_template
 from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
-from hovle.train.config import LoRAConfig
+from hovle.train.config import LoRAConfig, TrainLoopConfig
 from hovle.train.trainer import Trainer, apply_lora, loss_terms, relative_error, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,6 +167,21 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         TrainConfig.load(f, ["stage=distill", "distill.image_weight=0", "data.sources=[{path: d, format: images}]"])
     with pytest.raises(FileNotFoundError, match="training config not found: .*missing.yaml"):
         TrainConfig.load(tmp_path / "missing.yaml")
+
+
+def test_precision_auto_takes_bf16_only_where_it_is_native(monkeypatch):
+    """Emulated bf16 (a CPU without AVX512-BF16 or AMX) is an order of magnitude slower than fp32: 'auto' avoids
+    it, an explicit bf16-mixed keeps it with a warning that says so."""
+    from hovle.train import trainer
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(trainer, "native_bf16", lambda device, native=native: native)
+        assert trainer._use_bf16("auto", cpu) is native and trainer._use_bf16("fp32", cpu) is False
+    with pytest.warns(UserWarning, match="without native bf16 matmuls .* use 'auto' or 'fp32'"):
+        assert trainer._use_bf16("bf16-mixed", cpu) is True
+    with pytest.raises(ConfigError, match="train.precision must be 'fp32', 'bf16-mixed' or 'auto'"):
+        TrainLoopConfig(precision="fp16")
 
 
 def test_train_subcommand_wiring(tmp_path, base, data, capsys):

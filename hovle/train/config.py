@@ -115,7 +115,9 @@ class TrainLoopConfig:
     max_steps: int = 1000
     micro_batch_size: int = 4  # samples per forward on each process
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = micro * accum * world size
-    precision: str = "fp32"  # "fp32" | "bf16-mixed" (bf16 autocast, fp32 master weights)
+    # "fp32" | "bf16-mixed" (bf16 autocast, fp32 master weights) | "auto" (bf16-mixed where the device has
+    # native bf16 matmuls, else fp32: emulated bf16 is an order of magnitude slower than fp32)
+    precision: str = "fp32"
     activation_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: no periodic eval
@@ -136,8 +138,8 @@ class TrainLoopConfig:
         for name in ("eval_every", "save_every"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.lm_weight >= 0, f"train.lm_weight must be >= 0, got {self.lm_weight}")
-        _check(self.precision in ("fp32", "bf16-mixed"),
-               f"train.precision must be 'fp32' or 'bf16-mixed', got {self.precision!r}")
+        _check(self.precision in ("fp32", "bf16-mixed", "auto"),
+               f"train.precision must be 'fp32', 'bf16-mixed' or 'auto', got {self.precision!r}")
 
 
 @dataclass

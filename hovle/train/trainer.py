@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from hovle.config import ConfigError
+from hovle.kernels import native_bf16
 from hovle.model import DecoderLayer, HoVLE
 from hovle.train.config import AnchorConfig, DistillConfig, TrainConfig
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm
@@ -384,6 +386,16 @@ class StepResult:
     samples: int
 
 
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    """train.precision resolved on this device; an explicit bf16-mixed where bf16 is emulated gets a warning."""
+    native = native_bf16(device)
+    if precision == "bf16-mixed" and not native:
+        warnings.warn(f"train.precision bf16-mixed on a {device.type} without native bf16 matmuls (AVX512-BF16 or "
+                      "AMX on a CPU) is emulated and an order of magnitude slower than fp32; use 'auto' or 'fp32'",
+                      stacklevel=2)
+    return precision == "bf16-mixed" or (precision == "auto" and native)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         from hovle.tokenizer import load_tokenizer
@@ -393,6 +405,7 @@ class Trainer:
         self.device = torch.device(cfg.device if cfg.device != "cuda" or not dist.is_initialized()
                                    else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         self.out = Path(cfg.train.out_dir)
+        self.bf16 = _use_bf16(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
@@ -519,7 +532,7 @@ class Trainer:
         return {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     def _autocast(self):
-        if self.cfg.train.precision == "bf16-mixed":
+        if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -683,7 +696,7 @@ class Trainer:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=self.rank != 0 or not tc.progress,
-                   desc=f"{self.cfg.stage}", dynamic_ncols=True)
+                   desc=f"{self.cfg.stage} ({'bf16' if self.bf16 else 'fp32'})", dynamic_ncols=True)
         window = {"tokens": 0, "samples": 0, "time": 0.0}
         while self.step < tc.max_steps:
             t0 = time.perf_counter()
