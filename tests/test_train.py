@@ -596,13 +596,22 @@ def test_distill_head_maps_each_token_to_its_own_teacher_patches():
 
 def test_object_targets_mark_centres_and_cover_cells_with_attributes():
     """A 4x4 grid: each box's centre cell is flagged, the cells whose centres a box covers carry its attributes
-    (the nearer centre where boxes overlap), the rest are ignored; bad boxes and unknown values are named."""
-    from hovle.train.data import BadSample, object_targets, record_from_dict
+    (the nearer centre where boxes overlap), the rest are ignored, and each token counts the objects of every
+    class centred at or before it; bad boxes and unknown values are named."""
+    from hovle.train.data import BadSample, count_classes, object_targets, record_from_dict
 
     labels = {"color": ["red", "blue"], "shape": ["circle", "square"]}
+    classes = count_classes(labels)
+    assert classes[:4] == [{}, {"color": "red"}, {"color": "blue"}, {"shape": "circle"}] and len(classes) == 9
+    assert classes[-1] == {"color": "blue", "shape": "square"}
     objects = [{"box": [0.0, 0.0, 0.5, 0.5], "color": "red", "shape": "circle"},
                {"box": [0.3, 0.3, 1.0, 1.0], "color": "blue", "shape": "square"}]
-    t = object_targets(objects, labels, 4).reshape(4, 4, 3)
+    full = object_targets(objects, labels, 4)
+    counts = torch.zeros(16, 9, dtype=torch.long)
+    counts[5:, [0, 1, 3, 5]] += 1  # the red circle's centre is token 5 (row 1, column 1)
+    counts[10:, [0, 2, 4, 8]] += 1  # the blue square's is token 10
+    assert torch.equal(full[:, 3:], counts), full[:, 3:]
+    t = full[:, :3].reshape(4, 4, 3)
     centre = torch.zeros(4, 4, dtype=torch.long)
     centre[1, 1] = centre[2, 2] = 1  # box centres (0.25, 0.25) and (0.65, 0.65)
     assert torch.equal(t[..., 0], centre)
@@ -621,9 +630,10 @@ def test_object_targets_mark_centres_and_cover_cells_with_attributes():
 
 
 def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, data):
-    """distill.object_weight alone (no teacher): a red or blue square in one quadrant of each image; the module's
-    2x2 image tokens learn which one holds it and its colour. Images without boxes in the same run are ignored.
-    The term needs a one-tile stage distill and its labels."""
+    """distill.object_weight and count_weight alone (no teacher): a red or blue square in one quadrant of each
+    image; the module's 2x2 image tokens learn which one holds it, its colour, and from which token on the count
+    of each class is 1. Images without boxes in the same run are ignored. The terms need a one-tile stage
+    distill and their labels."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(8):
@@ -637,17 +647,20 @@ def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, 
     sources = [{"path": str(tmp_path / "boxes.jsonl"), "format": "caption"},
                {"path": str(data / "captions.jsonl"), "format": "caption"}]
     over = dict(sources=sources, data__max_tiles=1, distill__image_weight=0.0, distill__object_weight=1.0,
-                distill__object_labels={"color": ["red", "blue"]})
+                distill__count_weight=1.0, distill__object_labels={"color": ["red", "blue"]})
     cfg = config(tmp_path, base, data, "distill", train__max_steps=40, **over)
-    assert cfg.loss_weights()["object"] == 1.0
+    assert cfg.loss_weights()["object"] == cfg.loss_weights()["count"] == 1.0
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if "loss_object" in x]
-    first, last = np.mean([r["loss_object"] for r in rows[:4]]), np.mean([r["loss_object"] for r in rows[-4:]])
-    assert last < 0.3 * first, (first, last)
-    with pytest.raises(ConfigError, match="distill.object_weight is for stage distill with data.max_tiles 1"):
-        config(tmp_path, base, data, "distill", **(over | {"data__max_tiles": 2}))
-    with pytest.raises(ConfigError, match="distill.object_weight needs distill.object_labels"):
-        config(tmp_path, base, data, "distill", **(over | {"distill__object_labels": {}}))
+    for term in ("loss_object", "loss_count"):
+        first, last = np.mean([r[term] for r in rows[:4]]), np.mean([r[term] for r in rows[-4:]])
+        assert last < 0.3 * first, (term, first, last)
+    for name in ("object_weight", "count_weight"):
+        alone = over | {f"distill__{'count_weight' if name == 'object_weight' else 'object_weight'}": 0.0}
+        with pytest.raises(ConfigError, match=f"distill.{name} is for stage distill with data.max_tiles 1"):
+            config(tmp_path, base, data, "distill", **(alone | {"data__max_tiles": 2}))
+        with pytest.raises(ConfigError, match=f"distill.{name} needs distill.object_labels"):
+            config(tmp_path, base, data, "distill", **(alone | {"distill__object_labels": {}}))
 
 def _image_to_text_rms(model: HoVLE) -> float:
     """How far the embedding module's image tokens are from the LLM's text-embedding scale: |log RMS ratio|."""

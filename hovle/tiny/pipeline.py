@@ -339,7 +339,8 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
 
 
 def _image_features(model, folder: Path, images: list[str], batch: int = 32):
-    """Mean- and max-pooled image tokens [N, 2C] that the embedding module hands the LLM (one tile per image)."""
+    """Mean- and max-pooled image tokens and the last one [N, 3C] that the embedding module hands the LLM (one
+    tile per image). The module is causal: only the last token has seen the whole tile (distill.count_weight)."""
     import torch
 
     from hovle import load_image
@@ -352,13 +353,13 @@ def _image_features(model, folder: Path, images: list[str], batch: int = 32):
             pixels = torch.cat([load_image(folder / p, input_size=cfg.tile_size, max_num=1) for p in images[i:i + batch]])
             ids = torch.full((len(pixels), cfg.num_image_token), ctx)
             x = model.embed(ids, pixels.to(model.dtype)).float()  # [n, tokens, C]
-            out.append(torch.cat([x.mean(1), x.amax(1)], -1))
+            out.append(torch.cat([x.mean(1), x.amax(1), x[:, -1]], -1))
     return torch.cat(out)
 
 
 def probe(model_dir: str | Path, scenes: str | Path, n: int = 600, seed: int = 0) -> dict[str, float]:
     """Linear-probe check of what the image tokens carry: held-out accuracy of a logistic regression on pooled
-    image tokens predicting the object's colour and shape (one-object scenes) and the number of objects (1-5,
+    and last image tokens predicting the object's colour and shape (one-object scenes) and the number of objects (1-5,
     counting and mixed scenes), 3/4 train, 1/4 test. Run it on Stage I's output before spending hours on Stages II and III."""
     import torch
 

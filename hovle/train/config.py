@@ -167,15 +167,22 @@ class DistillConfig:
     # tokens, and the LLM never learned to count from them.
     object_weight: float = 0.0
     object_labels: dict[str, list[str]] = field(default_factory=dict)
+    # The same head also regresses, at each token, how many objects of each class (all objects, each value of
+    # each attribute, each combination of values: 1 + 8 + 4 + 32 classes for colour x shape) have their centre
+    # at or before it in reading order. The embedding module is causal, so the last tokens then carry the whole
+    # count table: counting is done once, densely supervised, where the LLM only has to read it. Per-token
+    # centre flags alone left the LLM counting at chance (the attention that reads them averages).
+    count_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.loss in ("cosine", "mse"), f"distill.loss must be 'cosine' or 'mse', got {self.loss!r}")
         _check(self.patch_weights in ("uniform", "salient"),
                f"distill.patch_weights must be 'uniform' or 'salient', got {self.patch_weights!r}")
         _check(self.image_weight >= 0, f"distill.image_weight must be >= 0, got {self.image_weight}")
-        _check(self.object_weight >= 0, f"distill.object_weight must be >= 0, got {self.object_weight}")
-        _check(not self.object_weight or bool(self.object_labels),
-               "distill.object_weight needs distill.object_labels ({attribute: [values]})")
+        for name in ("object_weight", "count_weight"):
+            w = getattr(self, name)
+            _check(w >= 0, f"distill.{name} must be >= 0, got {w}")
+            _check(not w or bool(self.object_labels), f"distill.{name} needs distill.object_labels ({{attribute: [values]}})")
         for k, v in self.object_labels.items():
             _check(isinstance(v, list) and len(v) >= 2 and len(set(v)) == len(v),
                    f"distill.object_labels[{k!r}] must be a list of at least 2 distinct values, got {v!r}")
@@ -275,9 +282,10 @@ class TrainConfig:
         _check(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
         learning = {k: w for k, w in self.loss_weights().items() if k != "image_rms"}  # image_rms only holds a scale
         _check(any(learning.values()), f"stage {self.stage} learns nothing: the weights of {', '.join(learning)} are all 0")
-        _check(not self.distill.object_weight or (self.stage == "distill" and self.data.max_tiles == 1),
-               "distill.object_weight is for stage distill with data.max_tiles 1 (object boxes are given on the "
-               f"whole image), not stage {self.stage} with data.max_tiles {self.data.max_tiles}")
+        for name in ("object_weight", "count_weight"):
+            _check(not getattr(self.distill, name) or (self.stage == "distill" and self.data.max_tiles == 1),
+                   f"distill.{name} is for stage distill with data.max_tiles 1 (object boxes are given on the "
+                   f"whole image), not stage {self.stage} with data.max_tiles {self.data.max_tiles}")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
         _check(not (self.lora.enabled and self.distributed.strategy == "fsdp"),
                "lora.enabled works with distributed.strategy ddp, not fsdp")
@@ -291,7 +299,10 @@ class TrainConfig:
     def loss_weights(self) -> dict[str, float]:
         """Each loss term's weight, in logging order: the stage's own term, then the anchors."""
         a, d = self.anchor, self.distill
-        first = {"image": d.image_weight, "object": d.object_weight} if self.stage == "distill" else {"lm": self.train.lm_weight}
+        if self.stage == "distill":
+            first = {"image": d.image_weight, "object": d.object_weight, "count": d.count_weight}
+        else:
+            first = {"lm": self.train.lm_weight}
         return first | {"text": a.text_weight, "image_rms": a.image_rms_weight, "language_kl": a.language_kl_weight,
                         "vision_kl": a.vision_kl_weight, "module_image": a.module_image_weight}
 

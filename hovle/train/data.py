@@ -18,6 +18,7 @@ image, over the length limit, malformed record) are skipped and counted by reaso
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import posixpath
@@ -112,11 +113,21 @@ def _objects(objects, n_images: int) -> list[dict]:
     return objects
 
 
+def count_classes(labels: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The object classes distill.count_weight counts: every combination of values of every subset of the
+    attributes, smallest subsets first: {} (all objects), {"color": "red"}, ..., {"color": "red", "shape": "star"}."""
+    return [dict(zip(attrs, values)) for r in range(len(labels) + 1) for attrs in itertools.combinations(labels, r)
+            for values in itertools.product(*(labels[a] for a in attrs))]
+
+
 def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int) -> Tensor:
-    """[grid*grid, 1 + len(labels)] long targets of the image tokens, row-major over the image: column 0 is 1 where
-    an object's box centre lies in the token's cell, else 0; column 1 + i is the index in labels' i-th value list
-    of that attribute of the object whose box covers the cell's centre (the nearest centre where boxes overlap),
-    IGNORE_INDEX where none does."""
+    """[grid*grid, 1 + len(labels) + len(count_classes(labels))] long targets of the image tokens, row-major over
+    the image: column 0 is 1 where an object's box centre lies in the token's cell, else 0; column 1 + i is the
+    index in labels' i-th value list of that attribute of the object whose box covers the cell's centre (the
+    nearest centre where boxes overlap), IGNORE_INDEX where none does; then, per count class, how many objects
+    of the class have their centre cell at or before the token's."""
+    classes = count_classes(labels)
+    counts = torch.zeros(grid * grid, len(classes), dtype=torch.long)
     out = torch.full((grid, grid, 1 + len(labels)), IGNORE_INDEX, dtype=torch.long)
     out[..., 0] = 0
     centre = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # cell centres, 0-1
@@ -125,7 +136,8 @@ def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int)
     for o in objects:
         x0, y0, x1, y1 = o["box"]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1), 0] = 1
+        row, col = min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)
+        out[row, col, 0] = 1
         dist = (u - cx) ** 2 + (v - cy) ** 2
         cover = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1) & (dist < best)
         best = torch.where(cover, dist, best)
@@ -134,7 +146,8 @@ def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int)
                 raise BadSample("bad_record", f"object {attr} {o.get(attr)!r} is not one of distill.object_labels"
                                               f"[{attr!r}] {values}")
             out[..., 1 + i][cover] = values.index(o[attr])
-    return out.reshape(grid * grid, -1)
+        counts[row * grid + col:] += torch.tensor([all(o[a] == v for a, v in c.items()) for c in classes])
+    return torch.cat([out.reshape(grid * grid, -1), counts], dim=1)
 
 
 def read_source(src: SourceConfig, caption_prompt: str) -> list[Record | BadSample]:
@@ -380,7 +393,7 @@ class Example:
     hd_input_ids: Tensor | None = None
     pixel_values: Tensor | None = None
     teacher_pixels: Tensor | None = None
-    object_targets: Tensor | None = None  # [1, n, 1 + attributes]: the one tile's tokens (distill.object_weight)
+    object_targets: Tensor | None = None  # [1, n, 1 + attributes + count classes]: the one tile's tokens
 
 
 class Encoder:
@@ -602,7 +615,7 @@ def collate_distill(examples: list[Example], pad_id: int) -> dict[str, Tensor | 
         tp = [e.teacher_pixels for e in examples if e.teacher_pixels is not None]
         batch["teacher_pixels"] = torch.cat(tp) if tp else None
         ot = [e.object_targets for e in examples if e.object_targets is not None]
-        if ot:  # [N, n, 1 + attributes]; the tiles of images without objects are ignored
+        if ot:  # [N, n, 1 + attributes + count classes]; the tiles of images without objects are ignored
             blank = torch.full_like(ot[0][:1], IGNORE_INDEX)
             batch["object_targets"] = torch.cat([
                 blank.expand(len(e.pixel_values), -1, -1) if e.object_targets is None else e.object_targets

@@ -33,7 +33,7 @@ from hovle.config import ConfigError
 from hovle.kernels import native_bf16
 from hovle.model import DecoderLayer, HoVLE
 from hovle.train.config import AnchorConfig, DistillConfig, TrainConfig
-from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm
+from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm, count_classes
 
 # ---- what trains in each stage -------------------------------------------------------------------------------
 
@@ -298,6 +298,23 @@ class StageModule(nn.Module):
             loss = loss * dist / dist.mean(1, keepdim=True).clamp(min=1e-6)
         return loss.sum()
 
+    def _objects(self, x: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
+        """distill.object_weight's and count_weight's terms from the image tokens x [N, n, C]."""
+        d = self.distill
+        terms = [k for k in ("object", "count") if getattr(d, f"{k}_weight")]
+        if targets is None:
+            return {k: x.sum() * 0.0 for k in terms}  # keeps every process's graph the same shape under DDP
+        sizes = [len(v) for v in d.object_labels.values()]
+        y = self.object_head(x).float()  # [N, n, 1 + sum(sizes) + count classes]
+        split, A = 1 + sum(sizes), 1 + len(sizes)
+        out = {}
+        if d.object_weight:
+            out["object"] = object_loss(y[..., :split], targets[..., :A], sizes)
+        if d.count_weight:
+            keep = targets[..., 0] != IGNORE_INDEX  # tokens of images with objects
+            out["count"] = (y[..., split:][keep] - targets[..., A:][keep].float()).pow(2).sum()
+        return out
+
     def _distill(self, b: dict) -> dict[str, Tensor]:
         m = self.model
         out = {}
@@ -311,11 +328,7 @@ class StageModule(nn.Module):
             if self.head is not None:
                 out["image"] = self._teacher_loss(x, b["teacher_features"])
             if self.object_head is not None:
-                targets = b["object_targets"]
-                if targets is None:
-                    out["object"] = x.sum() * 0.0  # keeps every process's graph the same shape under DDP
-                else:
-                    out["object"] = object_loss(self.object_head(x), targets, [len(v) for v in self.distill.object_labels.values()])
+                out |= self._objects(x, b["object_targets"])
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
             if self.anchor.module_image_weight:
@@ -340,8 +353,8 @@ def target_counts(batch: dict, stage: str) -> dict[str, int]:
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
     tf, ot = batch["teacher_features"], batch["object_targets"]
-    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1],
-                     "object": 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())}
+    objects = 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())
+    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1], "object": objects, "count": objects}
 
 
 def input_tokens(batch: dict, stage: str) -> int:
@@ -435,9 +448,10 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         object_head = None
-        if cfg.distill.object_weight:  # the centre flag, then each attribute's classes
-            classes = 1 + sum(len(v) for v in cfg.distill.object_labels.values())
-            object_head = seeded_init(nn.Linear(self.model.config.llm.hidden_size, classes), cfg.train.seed + 2)
+        if cfg.distill.object_weight or cfg.distill.count_weight:  # centre flag, attribute classes, count classes
+            labels = cfg.distill.object_labels
+            outputs = 1 + sum(len(v) for v in labels.values()) + len(count_classes(labels))
+            object_head = seeded_init(nn.Linear(self.model.config.llm.hidden_size, outputs), cfg.train.seed + 2)
         self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references(),
                                   lm=bool(cfg.train.lm_weight), object_head=object_head).to(self.device)
         self.module.train()
