@@ -827,7 +827,7 @@ def create_app(model, tokenizer, settings: ServeSettings | None = None):
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `hovle serve` on an argparse subparsers object."""
-    from hovle.cli import DEFAULT_MODEL, MODEL_HELP, add_quantize_argument
+    from hovle.cli import DEFAULT_MODEL, MODEL_HELP, add_dtype_argument, add_quantize_argument
 
     d = ServeSettings()
     s = subparsers.add_parser("serve", help="OpenAI-compatible chat server with a chat page (needs the serve extra)")
@@ -837,7 +837,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("HOVLE_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1 (default: $HOVLE_API_KEY, else none)")
     s.add_argument("--model-name", help="model id in the API (default: the folder's name)")
-    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
+    add_dtype_argument(s)
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_quantize_argument(s)
     s.add_argument("--image-root", help="allow image paths inside this folder (default: no local paths)")

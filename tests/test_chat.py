@@ -128,10 +128,25 @@ def test_cli_chat_and_info(checkpoint, tmp_path, capsys):
     assert "parameters.total" in capsys.readouterr().out
 
 
+def test_cli_dtype_auto_avoids_emulated_bf16(monkeypatch):
+    """chat, serve and eval default to 'auto': bf16 only where the device multiplies it natively, else fp32 on
+    a CPU (emulated bf16 prefills ~100x slower) and fp16 on a GPU; an explicit name is taken as is."""
+    from hovle import kernels
+    from hovle.cli import build_parser, resolve_dtype
+
+    parser = build_parser()
+    assert [parser.parse_args([cmd]).dtype for cmd in ("chat", "serve")] == ["auto", "auto"]
+    assert parser.parse_args(["eval", "--data", "x.tsv", "--out", "o"]).dtype == "auto"
+    for native, cpu, cuda in ((True, torch.bfloat16, torch.bfloat16), (False, torch.float32, torch.float16)):
+        monkeypatch.setattr(kernels, "native_bf16", lambda device, native=native: native)
+        assert (resolve_dtype("auto", "cpu"), resolve_dtype("auto", "cuda:0")) == (cpu, cuda)
+        assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype("fp32", "cuda") == torch.float32
+
+
 def test_cli_chat_quantized(checkpoint, tmp_path, capsys):
     Image.new("RGB", (90, 60), "blue").save(tmp_path / "x.png")
     args = ["--model", str(checkpoint), "--image", str(tmp_path / "x.png"), "--max-new-tokens", "6", "What is it?"]
-    assert main(["chat", "--quantize", "int8", *args]) == 0
+    assert main(["chat", "--quantize", "int8", "--dtype", "bf16", *args]) == 0
     tok = load_tokenizer(checkpoint)
     model = quantize_int8(HoVLE.from_pretrained(checkpoint, dtype=torch.bfloat16), calibration_ids(tok))
     expected = model.chat(tok, load_image(tmp_path / "x.png", input_size=56).bfloat16(), "What is it?",

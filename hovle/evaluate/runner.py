@@ -258,7 +258,7 @@ def cmd_eval(args) -> None:
 
 def add_eval_parser(subparsers) -> None:
     """Register `hovle eval` on an argparse subparsers object (hovle.cli.build_parser calls this)."""
-    from hovle.cli import DEFAULT_MODEL, DTYPES, MODEL_HELP, add_quantize_argument
+    from hovle.cli import DEFAULT_MODEL, MODEL_HELP, add_dtype_argument, add_quantize_argument
 
     e = subparsers.add_parser("eval", help="score a checkpoint on VLMEvalKit TSV benchmarks (MME, POPE, MMBench, ...)")
     e.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -275,7 +275,7 @@ def add_eval_parser(subparsers) -> None:
                    help="multiple-choice prompt wording (default internvl)")
     e.add_argument("--model-name", help="name used in output files (default: the checkpoint folder's name)")
     e.add_argument("--limit", type=int, help="only the first N rows (smoke tests)")
-    e.add_argument("--dtype", choices=DTYPES, default="bf16", help="weights dtype (default bf16)")
+    add_dtype_argument(e)
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_quantize_argument(e)
     e.set_defaults(func=cmd_eval)
