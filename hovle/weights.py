@@ -190,18 +190,19 @@ def save_checkpoint(model: torch.nn.Module, folder: Path, max_shard_bytes: int) 
             for name, t in zip(rule.names, rule.split(params[ours].detach())):
                 tensors[name] = t.contiguous().clone().cpu()  # own storage: safetensors refuses shared views
                 weight_map[name] = fname
-        _atomic(folder / fname, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write(folder / fname, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     if n > 1:
         total = sum(p.numel() * p.element_size() for p in params.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic(folder / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+        atomic_write(folder / "model.safetensors.index.json", lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     keep = set(weight_map.values()) | ({"model.safetensors.index.json"} if n > 1 else set())
     for stale in folder.glob("model*.safetensors*"):  # shards of an earlier save into the same folder
         if stale.name not in keep:
             stale.unlink()
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a temporary file next to `path`, then rename it into place: never a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)

@@ -29,7 +29,7 @@ from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
 from hovle.train.config import LoRAConfig, TrainLoopConfig
-from hovle.train.trainer import Trainer, apply_lora, loss_terms, relative_error, train
+from hovle.train.trainer import OBJECT_HEAD_FILE, Trainer, apply_lora, loss_terms, relative_error, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
@@ -650,17 +650,86 @@ def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, 
                 distill__count_weight=1.0, distill__object_labels={"color": ["red", "blue"]})
     cfg = config(tmp_path, base, data, "distill", train__max_steps=40, **over)
     assert cfg.loss_weights()["object"] == cfg.loss_weights()["count"] == 1.0
-    train(cfg)
-    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines() if "loss_object" in x]
-    for term in ("loss_object", "loss_count"):
-        first, last = np.mean([r[term] for r in rows[:4]]), np.mean([r[term] for r in rows[-4:]])
+    final = train(cfg)
+    for term, (first, last) in _first_and_last(tmp_path / "run", ("loss_object", "loss_count")).items():
         assert last < 0.3 * first, (term, first, last)
+    assert (final / OBJECT_HEAD_FILE).is_file()  # the anchor of later stages (distill.object_head)
     for name in ("object_weight", "count_weight"):
         alone = over | {f"distill__{'count_weight' if name == 'object_weight' else 'object_weight'}": 0.0}
-        with pytest.raises(ConfigError, match=f"distill.{name} is for stage distill with data.max_tiles 1"):
+        with pytest.raises(ConfigError, match=f"distill.{name} in stage distill needs data.max_tiles 1"):
             config(tmp_path, base, data, "distill", **(alone | {"data__max_tiles": 2}))
         with pytest.raises(ConfigError, match=f"distill.{name} needs distill.object_labels"):
             config(tmp_path, base, data, "distill", **(alone | {"distill__object_labels": {}}))
+
+
+def _first_and_last(run: Path, terms: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    """Each term's mean over the first and over the last 4 logged training steps."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return {t: (float(np.mean([r[t] for r in rows[:4]])), float(np.mean([r[t] for r in rows[-4:]]))) for t in terms}
+
+
+def test_object_head_anchors_the_image_tokens_in_the_lm_stages(tmp_path, base, data, tok):
+    """A Stage I head, loaded frozen (distill.object_head), reads the whole-image tile of each one-image
+    sample in stage align: the module learns to give it what it reads, the head never moves, and the run
+    saves no head of its own. The targets sit on the last (thumbnail) tile only; samples without boxes and
+    their tiles are ignored. Bad heads and labels are named."""
+    from safetensors.torch import load_file
+
+    from hovle.train.data import Record, object_targets
+
+    labels = {"color": ["red", "blue"]}
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(8):
+        img = np.full((56, 56, 3), 230, dtype=np.uint8)
+        qy, qx, color = int(rng.integers(2)), int(rng.integers(2)), labels["color"][i % 2]
+        img[28 * qy + 6:28 * qy + 22, 28 * qx + 6:28 * qx + 22] = (220, 20, 20) if color == "red" else (20, 30, 220)
+        Image.fromarray(img).save(tmp_path / f"sq{i}.png")
+        box = [(28 * qx + 6) / 56, (28 * qy + 6) / 56, (28 * qx + 22) / 56, (28 * qy + 22) / 56]
+        rows.append({"image": f"sq{i}.png", "caption": f"a {color} square", "objects": [{"box": box, "color": color}]})
+    (tmp_path / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = [{"path": str(tmp_path / "boxes.jsonl"), "format": "caption"},
+               {"path": str(data / "captions.jsonl"), "format": "caption"}]
+    stage1 = config(tmp_path / "s1", base, data, "distill", sources=sources, train__max_steps=30, data__max_tiles=1,
+                    distill__image_weight=0.0, distill__object_weight=1.0, distill__count_weight=1.0,
+                    distill__object_labels=labels)
+    head_file = train(stage1) / OBJECT_HEAD_FILE
+    head = load_file(head_file)
+
+    # From the random base module, not Stage I's: the anchor alone (lm_weight 0) must teach it what the head reads.
+    anchor = dict(sources=sources, train__max_steps=30, train__lm_weight=0.0, distill__object_weight=1.0,
+                  distill__count_weight=1.0, distill__object_head=str(head_file))
+    cfg = config(tmp_path / "s2", base, data, "align", **anchor)
+    trainer = Trainer(cfg)
+    assert trainer.object_labels == labels  # from the head file
+    assert not any(n.startswith("object_head") for n in trainer.trainable)
+    wide = Record(images=[str(tmp_path / "wide.png")], turns=[("user", "<image>\nhi"), ("assistant", "a red square")],
+                  objects=rows[0]["objects"])
+    Image.fromarray(np.full((56, 112, 3), 200, dtype=np.uint8)).save(wide.images[0])
+    ex = trainer.loader.encoder(wide)
+    assert ex.pixel_values.shape[0] == 3  # two tiles and the thumbnail
+    expected = object_targets(wide.objects, labels, 2)
+    assert (ex.object_targets[:2] == IGNORE_INDEX).all() and torch.equal(ex.object_targets[2], expected)
+    plain = trainer.loader.encoder(Record(images=[str(data / "img0.png")], turns=wide.turns))
+    batch = collate_lm([plain, ex], tok.pad_token_id)
+    assert batch["object_targets"].shape[0] == batch["pixel_values"].shape[0] == len(plain.pixel_values) + 3
+    assert (batch["object_targets"][:-1, :, 0] == IGNORE_INDEX).all()
+    final = train(cfg)
+    for term, (first, last) in _first_and_last(tmp_path / "s2/run", ("loss_object", "loss_count")).items():
+        assert last < 0.5 * first, (term, first, last)
+    assert all(torch.equal(head[k], load_file(head_file)[k]) for k in head) and not (final / OBJECT_HEAD_FILE).exists()
+
+    for name, other in (("object_weight", "count_weight"), ("count_weight", "object_weight")):
+        fresh = anchor | {"distill__object_head": None, "distill__object_labels": labels, f"distill__{other}": 0.0}
+        with pytest.raises(ConfigError, match=f"distill.{name} in stage align anchors .* give distill.object_head"):
+            config(tmp_path, base, data, "align", **fresh)
+    with pytest.raises(ConfigError, match="distill.object_labels .* are not those of distill.object_head"):
+        Trainer(config(tmp_path / "bad", base, data, "align", **anchor, distill__object_labels={"color": ["red", "green"]}))
+    with pytest.raises(FileNotFoundError, match="distill.object_head: .*nope.safetensors not found"):
+        Trainer(config(tmp_path / "bad", base, data, "align", **(anchor | {"distill__object_head": str(tmp_path / "nope.safetensors")})))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="distill.object_head .*junk.safetensors: not an object head file"):
+        Trainer(config(tmp_path / "bad", base, data, "align", **(anchor | {"distill__object_head": str(tmp_path / "junk.safetensors")})))
 
 def _image_to_text_rms(model: HoVLE) -> float:
     """How far the embedding module's image tokens are from the LLM's text-embedding scale: |log RMS ratio|."""

@@ -9,7 +9,7 @@ scene-metadata JSONL), and a balanced eval set whose answers `score_answer` chec
 Layout written by `write_dataset(root, ...)` (image paths are relative to `root`, the JSONL folder):
 
     root/images/{split}/{index:06d}.png
-    root/{split}_sft.jsonl      {"image": "images/train/000000.png", "conversations": [...], "meta": {...}}
+    root/{split}_sft.jsonl      {"image": "images/train/000000.png", "conversations": [...], "objects": [...], "meta": {...}}
                                 text-only samples have no "image"
     root/{split}_caption.jsonl  {"image": ..., "caption": ..., "objects": [{"box", "color", "shape"}, ...]}
     root/{split}_scenes.jsonl   {"image": ..., "scene": {...}} (ground truth for analysis)
@@ -865,7 +865,8 @@ SHORT_ANSWER_QTYPES = {"color", "shape", "count", "position", "location", "exist
 
 def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) -> dict[str, Any]:
     """A conversation about one image: one QA turn, or 3-5 turns of different question types (the image tokens,
-    most of a sample's compute, are paid once for all of them)."""
+    most of a sample's compute, are paid once for all of them), with the scene's object boxes (Stage III's
+    distill.object_head anchor)."""
     pool = questions(scene, rng)
     k = min(len(pool), rng.choice((3, 4, 5))) if multi_turn else 1
     qas = []
@@ -879,7 +880,8 @@ def image_sample(scene: dict, rng: random.Random, image: str, multi_turn: bool) 
         if qa["qtype"] in SHORT_ANSWER_QTYPES and rng.random() < SHORT_ANSWER_SHARE:
             question, answer = f"{question}\n{SHORT_ANSWER}", qa["expected"]
         conv += [_human(question, j == 0), {"from": "gpt", "value": answer}]
-    return {"image": image, "conversations": conv, "meta": {"qtypes": [qa["qtype"] for qa in qas], "kind": scene["kind"]}}
+    return {"image": image, "conversations": conv, "objects": object_boxes(scene),
+            "meta": {"qtypes": [qa["qtype"] for qa in qas], "kind": scene["kind"]}}
 
 
 def prose_lines(pairs: Iterable[tuple[str, str]], min_words: int = 8) -> list[str]:
@@ -931,7 +933,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 def object_boxes(scene: dict[str, Any]) -> list[dict[str, Any]]:
-    """The scene's shapes as Stage I object targets (distill.object_weight): each one's bounding box in 0-1
+    """The scene's shapes as object targets (distill.object_weight and count_weight): each one's bounding box in 0-1
     image coordinates (its centre +- its radius), colour and shape. Photos and rendered words have none."""
     w, h = scene["width"], scene["height"]
     return [{"box": [round(max(0.0, (o["cx"] - o["r"]) / w), 4), round(max(0.0, (o["cy"] - o["r"]) / h), 4),

@@ -393,7 +393,9 @@ class Example:
     hd_input_ids: Tensor | None = None
     pixel_values: Tensor | None = None
     teacher_pixels: Tensor | None = None
-    object_targets: Tensor | None = None  # [1, n, 1 + attributes + count classes]: the one tile's tokens
+    # [N, n, 1 + attributes + count classes] per tile's image tokens: the boxes are on the whole image, so only
+    # its whole-image tile (the only one, or the thumbnail, last) has targets; the others are IGNORE_INDEX
+    object_targets: Tensor | None = None
 
 
 class Encoder:
@@ -403,7 +405,7 @@ class Encoder:
                  distill_text: bool = True, object_labels: dict[str, list[str]] | None = None):
         self.cfg, self.tok, self.data, self.stage, self.teacher = model_cfg, tokenizer, data_cfg, stage, teacher
         self.distill_text = distill_text  # Stage I: whether text has a target (anchor.text_weight)
-        self.object_labels = object_labels  # Stage I: the attributes of distill.object_weight's targets
+        self.object_labels = object_labels  # the attributes of distill.object_weight's and count_weight's targets
         self.template = get_template(model_cfg.template)
         self.max_tiles = data_cfg.max_tiles or (model_cfg.max_dynamic_patch if model_cfg.dynamic_image_size else 1)
         self.min_tiles = min(model_cfg.min_dynamic_patch, self.max_tiles)
@@ -428,6 +430,15 @@ class Encoder:
             return None
         return torch.repeat_interleave(ids, torch.where(ids == self.ctx, 4, 1))
 
+    def _object_targets(self, rec: Record, n_tiles: int) -> Tensor | None:
+        """[n_tiles, n, K] targets for the tiles of a record's one image, on its last (whole-image) tile."""
+        if not self.object_labels or rec.objects is None:
+            return None
+        tile = object_targets(rec.objects, self.object_labels, math.isqrt(self.cfg.num_image_token))
+        out = torch.full((n_tiles, *tile.shape), IGNORE_INDEX, dtype=torch.long)
+        out[-1] = tile
+        return out
+
     def _check_length(self, n: int) -> None:
         if n > self.data.max_length:
             raise BadSample("too_long", f"{n} tokens > data.max_length {self.data.max_length}")
@@ -450,7 +461,8 @@ class Encoder:
             labels[a:b] = torch.tensor(ids[a:b])
         ids_t = torch.tensor(ids)
         pv = torch.stack([image_to_tensor(t, self.cfg.tile_size) for ts in tiles for t in ts]) if tiles else None
-        return Example(input_ids=ids_t, labels=labels, hd_input_ids=self._hd(ids_t), pixel_values=pv)
+        return Example(input_ids=ids_t, labels=labels, hd_input_ids=self._hd(ids_t), pixel_values=pv,
+                       object_targets=self._object_targets(rec, len(pv)) if tiles else None)
 
     def render(self, turns: list[tuple[str, str]], tiles_per_image: list[int]) -> tuple[str, list[tuple[int, int]]]:
         """The template text of a conversation and the character spans of the assistant replies (+ sep)."""
@@ -490,9 +502,7 @@ class Encoder:
             ex.pixel_values = torch.stack([image_to_tensor(t, self.cfg.tile_size) for t in tiles])  # [N, 3, S, S]
             if self.teacher is not None:
                 ex.teacher_pixels = torch.stack([self.teacher.preprocess(t) for t in tiles])  # [N, 3, s, s]
-            if self.object_labels and rec.objects is not None:  # one tile: data.max_tiles is 1
-                grid = math.isqrt(self.cfg.num_image_token)
-                ex.object_targets = object_targets(rec.objects, self.object_labels, grid)[None]
+            ex.object_targets = self._object_targets(rec, len(tiles))
         text = rec.text if rec.turns is None else "\n".join(v.replace("<image>", "").strip() for _, v in rec.turns)
         if text and text.strip() and self.distill_text:
             ids = self.tok.encode(text.strip())
@@ -592,6 +602,17 @@ def _pad_right(rows: list[Tensor], value: int, multiple: int = 1) -> tuple[Tenso
     return out, mask
 
 
+def _collate_object_targets(examples: list[Example]) -> Tensor | None:
+    """[N, n, K] targets of all the batch's N tiles, in pixel_values order; tiles of images without objects
+    are ignored. None when no sample has any."""
+    ot = [e.object_targets for e in examples if e.object_targets is not None]
+    if not ot:
+        return None
+    blank = torch.full_like(ot[0][:1], IGNORE_INDEX)
+    return torch.cat([blank.expand(len(e.pixel_values), -1, -1) if e.object_targets is None else e.object_targets
+                      for e in examples if e.pixel_values is not None])
+
+
 def collate_lm(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, Tensor | None]:
     """Right padding to a length that is a multiple of `multiple` (data.pad_to_multiple); pads are masked in
     attention and ignored in the loss."""
@@ -599,7 +620,7 @@ def collate_lm(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[
     labels, _ = _pad_right([e.labels for e in examples], IGNORE_INDEX, multiple)
     pv = [e.pixel_values for e in examples if e.pixel_values is not None]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.cat(pv) if pv else None,
-             "hd_input_ids": None, "hd_attention_mask": None}
+             "hd_input_ids": None, "hd_attention_mask": None, "object_targets": _collate_object_targets(examples)}
     if examples[0].hd_input_ids is not None:
         batch["hd_input_ids"], batch["hd_attention_mask"] = _pad_right([e.hd_input_ids for e in examples], pad_id, multiple)
     return batch
@@ -614,12 +635,7 @@ def collate_distill(examples: list[Example], pad_id: int) -> dict[str, Tensor | 
         batch["pixel_values"] = torch.cat(pv)  # [N, 3, S, S]
         tp = [e.teacher_pixels for e in examples if e.teacher_pixels is not None]
         batch["teacher_pixels"] = torch.cat(tp) if tp else None
-        ot = [e.object_targets for e in examples if e.object_targets is not None]
-        if ot:  # [N, n, 1 + attributes + count classes]; the tiles of images without objects are ignored
-            blank = torch.full_like(ot[0][:1], IGNORE_INDEX)
-            batch["object_targets"] = torch.cat([
-                blank.expand(len(e.pixel_values), -1, -1) if e.object_targets is None else e.object_targets
-                for e in examples if e.pixel_values is not None])
+        batch["object_targets"] = _collate_object_targets(examples)
     if text:
         batch["text_ids"], batch["text_mask"] = _pad_right(text, pad_id)  # [B, T]
     return batch

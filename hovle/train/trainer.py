@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -34,6 +36,7 @@ from hovle.kernels import native_bf16
 from hovle.model import DecoderLayer, HoVLE
 from hovle.train.config import AnchorConfig, DistillConfig, TrainConfig
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, build_streams, collate_distill, collate_lm, count_classes
+from hovle.weights import atomic_write
 
 # ---- what trains in each stage -------------------------------------------------------------------------------
 
@@ -83,6 +86,42 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, DecoderLayer):
             module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+
+
+OBJECT_HEAD_FILE = "object_head.safetensors"  # next to a Stage I run's final checkpoint; the model loader ignores it
+
+
+def object_head_outputs(labels: dict[str, list[str]]) -> int:
+    """The object head's outputs: the centre flag, each attribute's classes, then the count classes."""
+    return 1 + sum(len(v) for v in labels.values()) + len(count_classes(labels))
+
+
+def save_object_head(head: nn.Linear, labels: dict[str, list[str]], path: Path) -> None:
+    tensors = {k: getattr(head, k).detach().float().cpu().contiguous() for k in ("weight", "bias")}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"object_labels": json.dumps(labels)}))
+
+
+def load_object_head(path: str, labels: dict[str, list[str]], width: int) -> tuple[nn.Linear, dict[str, list[str]]]:
+    """distill.object_head, frozen, and its labels; `labels` (distill.object_labels), when given, must be its own."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"distill.object_head: {path} not found (a Stage I run writes "
+                                f"out_dir/final/{OBJECT_HEAD_FILE} when it has object or count terms)")
+    try:
+        with safe_open(path, "pt") as f:
+            saved = json.loads((f.metadata() or {})["object_labels"])
+            tensors = {k: f.get_tensor(k) for k in ("weight", "bias")}
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        raise ConfigError(f"distill.object_head {path}: not an object head file ({type(e).__name__}: {e})") from None
+    if labels and labels != saved:
+        raise ConfigError(f"distill.object_labels {labels} are not those of distill.object_head {path}: {saved}")
+    head = nn.Linear(width, object_head_outputs(saved))
+    for name, t in tensors.items():
+        want = tuple(getattr(head, name).shape)
+        if tuple(t.shape) != want:
+            raise ConfigError(f"distill.object_head {path}: tensor {name!r} has shape {tuple(t.shape)}, the model "
+                              f"(width {width}) and its labels need {want}")
+        getattr(head, name).data.copy_(t)
+    return head.requires_grad_(False), saved
 
 
 # ---- losses ---------------------------------------------------------------------------------------------------
@@ -204,9 +243,10 @@ class StageModule(nn.Module):
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
                  head: DistillHead | None = None, anchor: AnchorConfig | None = None,
                  reference: nn.Module | None = None, vision_reference: nn.Module | None = None, lm: bool = True,
-                 object_head: nn.Linear | None = None):
+                 object_head: nn.Linear | None = None, object_labels: dict[str, list[str]] | None = None):
         super().__init__()
         self.model, self.stage, self.head, self.object_head = model, stage, head, object_head
+        self.object_sizes = [len(v) for v in (object_labels or {}).values()]  # classes per attribute
         self.lm = lm  # whether stages align/sft compute their cross-entropy term (train.lm_weight > 0)
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
         self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight / module_image_weight
@@ -244,6 +284,9 @@ class StageModule(nn.Module):
                 out["lm"] = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             if self.anchor.vision_kl_weight:
                 out["vision_kl"] = self._vision_kl(b, logits, keep)
+        if self.object_head is not None:  # the LLM-side tokens of each tile, in pixel_values order: [N, n, C]
+            image = x[ids == m.config.embedding.img_context_token_id].view(-1, m.config.num_image_token, x.shape[-1])
+            out |= self._objects(image, b["object_targets"])
         if self.anchor.module_image_weight:
             out["module_image"] = self._module_image(x, _embed_args(b))
         if self.anchor.text_weight:
@@ -304,7 +347,7 @@ class StageModule(nn.Module):
         terms = [k for k in ("object", "count") if getattr(d, f"{k}_weight")]
         if targets is None:
             return {k: x.sum() * 0.0 for k in terms}  # keeps every process's graph the same shape under DDP
-        sizes = [len(v) for v in d.object_labels.values()]
+        sizes = self.object_sizes
         y = self.object_head(x).float()  # [N, n, 1 + sum(sizes) + count classes]
         split, A = 1 + sum(sizes), 1 + len(sizes)
         out = {}
@@ -350,11 +393,13 @@ def target_counts(batch: dict, stage: str) -> dict[str, int]:
     counts = {"text": batch["anchor_text_tokens"], "image_rms": batch["llm_image_tokens"],
               "module_image": batch["llm_image_tokens"],
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
+    ot = batch["object_targets"]
+    objects = 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())
+    counts |= {"object": objects, "count": objects}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
-    tf, ot = batch["teacher_features"], batch["object_targets"]
-    objects = 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())
-    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1], "object": objects, "count": objects}
+    tf = batch["teacher_features"]
+    return counts | {"image": 0 if tf is None else tf.shape[0] * tf.shape[1]}
 
 
 def input_tokens(batch: dict, stage: str) -> int:
@@ -447,13 +492,17 @@ class Trainer:
         freeze_for_stage(self.model, cfg.stage, cfg.lora.parts if cfg.lora.enabled else (), cfg.model.freeze)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        object_head = None
-        if cfg.distill.object_weight or cfg.distill.count_weight:  # centre flag, attribute classes, count classes
-            labels = cfg.distill.object_labels
-            outputs = 1 + sum(len(v) for v in labels.values()) + len(count_classes(labels))
-            object_head = seeded_init(nn.Linear(self.model.config.llm.hidden_size, outputs), cfg.train.seed + 2)
+        object_head, self.object_labels = None, None
+        d, width = cfg.distill, self.model.config.llm.hidden_size
+        if d.object_weight or d.count_weight:
+            if d.object_head:
+                object_head, self.object_labels = load_object_head(d.object_head, d.object_labels, width)
+            else:
+                self.object_labels = d.object_labels
+                object_head = seeded_init(nn.Linear(width, object_head_outputs(d.object_labels)), cfg.train.seed + 2)
         self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references(),
-                                  lm=bool(cfg.train.lm_weight), object_head=object_head).to(self.device)
+                                  lm=bool(cfg.train.lm_weight), object_head=object_head,
+                                  object_labels=self.object_labels).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -461,7 +510,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
         encoder = Encoder(self.model.config, self.tokenizer, cfg.data, cfg.stage, self.teacher,
-                          distill_text=bool(cfg.anchor.text_weight), object_labels=cfg.distill.object_labels)
+                          distill_text=bool(cfg.anchor.text_weight), object_labels=self.object_labels)
         train_stream, eval_stream = build_streams(cfg.data, cfg.train.seed, self.rank, self.world)
         self.loader = Loader(train_stream, encoder, cfg.data.num_workers, cfg.data.group_by_length)
         self.eval_loader = Loader(eval_stream, encoder, cfg.data.num_workers) if eval_stream is not None else None
@@ -756,6 +805,9 @@ class Trainer:
                 merge_lora(model)
             model.save_pretrained(final)
             self.tokenizer.save_pretrained(final)
+            head = self.module.object_head
+            if head is not None and head.weight.requires_grad:  # a head this run trained: later stages' anchor
+                save_object_head(head, self.object_labels, final / OBJECT_HEAD_FILE)
             plot_metrics(self.out)
         if dist.is_initialized():
             dist.barrier()
