@@ -629,12 +629,10 @@ def test_object_targets_mark_centres_and_cover_cells_with_attributes():
         record_from_dict({"caption": "x", "objects": []}, "caption", Path("."), "?")
 
 
-def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, data):
-    """distill.object_weight and count_weight alone (no teacher): a red or blue square in one quadrant of each
-    image; the module's 2x2 image tokens learn which one holds it, its colour, and from which token on the count
-    of each class is 1. Images without boxes in the same run are ignored. The terms need a one-tile stage
-    distill and their labels."""
-    rng = np.random.default_rng(0)
+def _square_boxes(tmp_path: Path, data: Path, seed: int) -> tuple[list[dict], list[dict]]:
+    """8 images of a red or blue square in one quadrant, captioned with their boxes, plus the fixture's captions
+    (no boxes): the caption sources and the boxed rows."""
+    rng = np.random.default_rng(seed)
     rows = []
     for i in range(8):
         img = np.full((56, 56, 3), 230, dtype=np.uint8)
@@ -646,6 +644,15 @@ def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, 
     (tmp_path / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sources = [{"path": str(tmp_path / "boxes.jsonl"), "format": "caption"},
                {"path": str(data / "captions.jsonl"), "format": "caption"}]
+    return sources, rows
+
+
+def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, data):
+    """distill.object_weight and count_weight alone (no teacher): a red or blue square in one quadrant of each
+    image; the module's 2x2 image tokens learn which one holds it, its colour, and from which token on the count
+    of each class is 1. Images without boxes in the same run are ignored. The terms need a one-tile stage
+    distill and their labels."""
+    sources, _ = _square_boxes(tmp_path, data, seed=0)
     over = dict(sources=sources, data__max_tiles=1, distill__image_weight=0.0, distill__object_weight=1.0,
                 distill__count_weight=1.0, distill__object_labels={"color": ["red", "blue"]})
     cfg = config(tmp_path, base, data, "distill", train__max_steps=40, **over)
@@ -678,18 +685,7 @@ def test_object_head_anchors_the_image_tokens_in_the_lm_stages(tmp_path, base, d
     from hovle.train.data import Record, object_targets
 
     labels = {"color": ["red", "blue"]}
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(8):
-        img = np.full((56, 56, 3), 230, dtype=np.uint8)
-        qy, qx, color = int(rng.integers(2)), int(rng.integers(2)), labels["color"][i % 2]
-        img[28 * qy + 6:28 * qy + 22, 28 * qx + 6:28 * qx + 22] = (220, 20, 20) if color == "red" else (20, 30, 220)
-        Image.fromarray(img).save(tmp_path / f"sq{i}.png")
-        box = [(28 * qx + 6) / 56, (28 * qy + 6) / 56, (28 * qx + 22) / 56, (28 * qy + 22) / 56]
-        rows.append({"image": f"sq{i}.png", "caption": f"a {color} square", "objects": [{"box": box, "color": color}]})
-    (tmp_path / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sources = [{"path": str(tmp_path / "boxes.jsonl"), "format": "caption"},
-               {"path": str(data / "captions.jsonl"), "format": "caption"}]
+    sources, rows = _square_boxes(tmp_path, data, seed=1)
     stage1 = config(tmp_path / "s1", base, data, "distill", sources=sources, train__max_steps=30, data__max_tiles=1,
                     distill__image_weight=0.0, distill__object_weight=1.0, distill__count_weight=1.0,
                     distill__object_labels=labels)
