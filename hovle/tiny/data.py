@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hovle.evaluate.prompts import SHORT_ANSWER
+from hovle.weights import atomic_write
 
 # ---- the world's vocabulary ------------------------------------------------------------------------------
 
@@ -915,9 +916,7 @@ def text_sample(pair: tuple[str, str]) -> dict[str, Any]:
 
 def _save_png(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG", optimize=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG", optimize=False))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -935,14 +934,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write one line per item, UTF-8, atomically (a temporary file renamed into place); returns the count."""
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+    lines = list(lines)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+    return len(lines)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -1056,15 +1050,17 @@ def write_eval_tsv(root: str | Path, rows: list[dict]) -> Path:
 
     root = Path(root)
     path = root / EVAL_TSV
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["index", "image", "question", "answer", "category"])
-        for i, r in enumerate(rows):
-            meta = r["meta"]
-            w.writerow([i, base64.b64encode((root / r["image"]).read_bytes()).decode(), meta["question"],
-                        meta["expected"], meta["qtype"]])
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(["index", "image", "question", "answer", "category"])
+            for i, r in enumerate(rows):
+                meta = r["meta"]
+                w.writerow([i, base64.b64encode((root / r["image"]).read_bytes()).decode(), meta["question"],
+                            meta["expected"], meta["qtype"]])
+
+    atomic_write(path, write)
     return path
 
 

@@ -25,14 +25,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from hovle.weights import atomic_write
+
 DONE = "DONE.json"  # written last into a finished data folder / init folder
 
 
 def _write_text(path: Path, text: str) -> None:
     """Write through a temp file and rename, so an interrupted run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -105,11 +105,8 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
     with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
         for name in ex.map(_pool_split, jobs):
             print(f"pool: wrote {name}")
-    tmp = data_dir / "pool_sft.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for name in names:
-            f.write((data_dir / f"{name}_sft.jsonl").read_text(encoding="utf-8"))
-    os.replace(tmp, data_dir / "pool_sft.jsonl")
+    atomic_write(data_dir / "pool_sft.jsonl", lambda tmp: tmp.write_text(
+        "".join((data_dir / f"{name}_sft.jsonl").read_text(encoding="utf-8") for name in names), encoding="utf-8"))
     report = {"splits": splits, "images": splits * images, "seed": seed, "seconds": round(time.perf_counter() - t, 1)}
     _write_json(marker, report)
     print(f"pool: {report['images']} images in {report['seconds']} s -> {data_dir / 'pool_sft.jsonl'}")

@@ -15,7 +15,6 @@ so the folder is ~36 MiB instead of the full model's 690 MB. `HoVLE.from_pretrai
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from hovle.config import ConfigError, HoVLEConfig
 from hovle.model import HoVLE, _build
 from hovle.tiny.smollm2 import GGUF_FILE, PIP_HINT, gguf_path, load_smollm2_llm, load_smollm2_tokenizer
 from hovle.tokenizer import HFTokenizer
+from hovle.weights import atomic_write
 
 NAME = "hovle-tiny"
 PACKAGED = Path(__file__).parent / NAME
@@ -135,9 +135,7 @@ def export(model_dir: str | Path, out: str | Path, rank: int = 16, dtype: torch.
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save(out)
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, tmp, metadata={"format": str(FORMAT)})
-    os.replace(tmp, out / WEIGHTS)
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": str(FORMAT)}))
     manifest = {"format": FORMAT, "name": NAME, "base": {"package": PIP_HINT.split()[-1], "file": GGUF_FILE,
                                                           "bytes": gguf_path().stat().st_size},
                 "lora_rank": rank, "dtype": str(dtype).removeprefix("torch."), "llm_deltas": deltas,

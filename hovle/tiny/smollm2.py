@@ -29,7 +29,7 @@ import tokenizers
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hovle.chat import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES, Template
+from hovle.chat import IMG_CONTEXT, IMG_END, IMG_START, TEMPLATES
 from hovle.config import ConfigError, EmbeddingConfig, HoVLEConfig, LLMConfig
 from hovle.model import HoVLE
 from hovle.tokenizer import HFTokenizer

@@ -899,10 +899,8 @@ def plot_metrics(out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".loss.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")
 
 
 def train(cfg: TrainConfig, stop_at_step: int | None = None) -> Path | None:
