@@ -1,5 +1,5 @@
 # HoVLE-Tiny from scratch on a CPU: data + step-0 model -> Stage I -> Stage II -> Stage III -> eval.
-#   make tiny-model                # about 2 hours on 2 CPU cores with AVX512-BF16 (budget: docs/hovle-tiny.md); longer in fp32
+#   make tiny-model                # 58 min to about 2 hours on 2 CPU cores with AVX512-BF16 (docs/hovle-tiny.md); longer in fp32
 # Every step skips itself when its output exists, and `hovle train` resumes from its own checkpoints
 # (every 50 steps), so running `make tiny-model` again continues an interrupted run.
 # Knobs: make tiny-model TINY=runs/tiny2 TINY_TRAIN=3000 S1_ARGS='train.max_steps=100' ...
