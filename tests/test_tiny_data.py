@@ -70,12 +70,11 @@ def test_every_count_a_scene_holds_is_a_question():
         scene = D.sample_scene(5, i, kind="count")
         qas = [qa for qa in D.questions(scene, random.Random(i)) if qa["qtype"] == "count"]
         n_count.append(len(qas))
-        for qa in qas:
-            named = [o for o in scene["objects"] if o["color"] in qa["question"].split() or o["shape"] in qa["question"]]
-            if not any(c in qa["question"].split() for c in D.COLORS) and not any(s in qa["question"] for s in D.SHAPES):
-                named = scene["objects"]  # "how many shapes / objects / things"
-            elif any(c in qa["question"].split() for c in D.COLORS) and any(s in qa["question"] for s in D.SHAPES):
-                named = [o for o in named if o["color"] in qa["question"].split() and o["shape"] in qa["question"]]
+        for qa in qas:  # no colour or shape word ("how many shapes / objects / things") names them all
+            colors = [c for c in D.COLORS if c in qa["question"].split()]
+            shapes = [s for s in D.SHAPES if s in qa["question"]]
+            named = [o for o in scene["objects"]
+                     if (not colors or o["color"] in colors) and (not shapes or o["shape"] in shapes)]
             assert qa["expected"] == str(len(named)), (qa, scene["objects"])
     assert 1.5 < sum(n_count) / len(n_count) < 4, n_count
 

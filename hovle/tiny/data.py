@@ -934,9 +934,17 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_lines(path: Path, lines: Iterable[str]) -> int:
     """Write one line per item, UTF-8, atomically (a temporary file renamed into place); returns the count."""
-    lines = list(lines)
-    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
-    return len(lines)
+    n = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+
+    atomic_write(path, write)
+    return n
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -105,8 +106,13 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
     with ProcessPoolExecutor(workers or os.cpu_count()) as ex:
         for name in ex.map(_pool_split, jobs):
             print(f"pool: wrote {name}")
-    atomic_write(data_dir / "pool_sft.jsonl", lambda tmp: tmp.write_text(
-        "".join((data_dir / f"{name}_sft.jsonl").read_text(encoding="utf-8") for name in names), encoding="utf-8"))
+    def concat(tmp: Path) -> None:  # streamed: 16 splits are tens of MB
+        with open(tmp, "wb") as f:
+            for name in names:
+                with open(data_dir / f"{name}_sft.jsonl", "rb") as part:
+                    shutil.copyfileobj(part, f)
+
+    atomic_write(data_dir / "pool_sft.jsonl", concat)
     report = {"splits": splits, "images": splits * images, "seed": seed, "seconds": round(time.perf_counter() - t, 1)}
     _write_json(marker, report)
     print(f"pool: {report['images']} images in {report['seconds']} s -> {data_dir / 'pool_sft.jsonl'}")
