@@ -28,7 +28,7 @@ from hovle.chat import expand_images, get_template
 from hovle.config import ConfigError
 from hovle.train import TrainConfig, freeze_for_stage
 from hovle.train.data import IGNORE_INDEX, Encoder, Loader, MapStream, build_streams, collate_lm, read_source
-from hovle.train.config import LoRAConfig, TrainLoopConfig
+from hovle.train.config import LoRAConfig, SourceConfig, TrainLoopConfig
 from hovle.train.trainer import OBJECT_HEAD_FILE, Trainer, apply_lora, loss_terms, relative_error, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -249,6 +249,16 @@ def test_captions_and_plain_text(tmp_path, base, data, tok):
     txt = enc(read_source(replace(cfg.data.sources[0], path=str(data / "text.txt"), format="text"), "")[0])
     assert txt.labels[0] == IGNORE_INDEX and torch.equal(txt.labels[1:], txt.input_ids[1:])
     assert txt.input_ids[-1] == tok.eos_token_id
+
+
+def test_a_source_whose_images_are_all_missing_is_an_error(tmp_path, data):
+    moved = tmp_path / "elsewhere" / "conv.jsonl"  # a copy away from its images: a wrong image root, not bad samples
+    moved.parent.mkdir()
+    moved.write_text((data / "conv.jsonl").read_text())
+    src = SourceConfig(path=str(moved))
+    with pytest.raises(ConfigError, match=rf"data source {moved}: none of its \d+ images exist .* read from {moved.parent}"):
+        read_source(src, "")
+    assert read_source(replace(src, image_root=str(data)), "")
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, base, data, tok):

@@ -159,6 +159,7 @@ def read_source(src: SourceConfig, caption_prompt: str) -> list[Record | BadSamp
         elif path.is_file():
             root = Path(src.image_root) if src.image_root else path.parent
             files = [_resolve(line.strip(), root) for line in path.read_text().splitlines() if line.strip()]
+            _check_images_found(src, files, root)
         else:
             raise ConfigError(f"data source {src.path}: no such folder or file")
         return [Record(images=[f]) for f in files]
@@ -176,7 +177,15 @@ def read_source(src: SourceConfig, caption_prompt: str) -> list[Record | BadSamp
             out.append(BadSample("bad_record", f"invalid JSON ({e})"))
         except BadSample as e:
             out.append(e)
+    _check_images_found(src, [i for r in out if isinstance(r, Record) for i in r.images], root)
     return out
+
+
+def _check_images_found(src: SourceConfig, images: list[str], root: Path) -> None:
+    """A few missing images are skipped and counted; a source none of whose images exist is a wrong root."""
+    if images and not any(Path(i).is_file() for i in images):
+        raise ConfigError(f"data source {src.path}: none of its {len(images)} images exist (the first is {images[0]}); "
+                          f"relative image paths are read from {root} (set image_root on the source to change it)")
 
 
 def expand_braces(pattern: str) -> list[str]:
