@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -256,7 +257,8 @@ def test_a_source_whose_images_are_all_missing_is_an_error(tmp_path, data):
     moved.parent.mkdir()
     moved.write_text((data / "conv.jsonl").read_text())
     src = SourceConfig(path=str(moved))
-    with pytest.raises(ConfigError, match=rf"data source {moved}: none of its \d+ images exist .* read from {moved.parent}"):
+    found = rf"data source {re.escape(str(moved))}: none of its \d+ images exist .* read from {re.escape(str(moved.parent))}"
+    with pytest.raises(ConfigError, match=found):
         read_source(src, "")
     assert read_source(replace(src, image_root=str(data)), "")
 
