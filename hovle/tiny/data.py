@@ -98,30 +98,16 @@ FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/libe
 INK = {"black": (20, 20, 20), "white": (250, 250, 250), "cream": (245, 238, 220), "dark grey": (60, 60, 60), **COLORS}
 
 SCENE_KINDS = ("single", "count", "pair", "multi", "text", "photo")
-SCENE_WEIGHTS = (0.2, 0.25, 0.2, 0.15, 0.2, 0.05)
+SCENE_WEIGHTS = (0.2, 0.25, 0.2, 0.15, 0.2, 0.1)
 
 # Real photographs bundled with scikit-image (public domain / CC0), cropped, flipped and resized, so that the
-# model says it sees a photograph (and its main colours) instead of describing shapes that are not there. The
-# cat (chelsea.png) and coffee.png never enter training: they are the held-out sanity check.
-PHOTOS = {
-    "astronaut.png": "an astronaut in a spacesuit, with a flag behind her",
-    "brick.png": "a brick wall",
-    "camera.png": "a man standing behind a camera on a tripod",
-    "cell.png": "a cell under a microscope",
-    "clock_motion.png": "a clock, blurred by motion",
-    "coins.png": "a collection of old coins",
-    "grass.png": "grass",
-    "gravel.png": "gravel",
-    "horse.png": "the silhouette of a horse",
-    "hubble_deep_field.jpg": "galaxies in deep space",
-    "ihc.png": "stained tissue under a microscope",
-    "moon.png": "the cratered surface of the moon",
-    "motorcycle_left.png": "a motorcycle",
-    "motorcycle_right.png": "a motorcycle",
-    "page.png": "a page of printed text",
-    "retina.jpg": "the retina of an eye",
-    "rocket.jpg": "a rocket on its launch pad",
-}
+# model says it sees a photograph (and its main colours) instead of describing shapes that are not there. Their
+# content is not named: 17 photos cannot teach what a photo shows, and a model taught "a motorcycle" for two of
+# them called the held-out cat a motorcycle (docs/hovle-tiny.md, session 30). The cat (chelsea.png) and
+# coffee.png never enter training: they are the held-out sanity check.
+PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "clock_motion.png", "coins.png", "grass.png",
+          "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",
+          "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg")
 HELD_OUT_PHOTOS = ("chelsea.png", "coffee.png")
 PHOTO_PALETTE = {**COLORS, "black": (20, 20, 20), "grey": (128, 128, 128), "white": (240, 240, 240)}
 EVAL_QTYPES = ("color", "shape", "count", "position", "text")
@@ -421,7 +407,7 @@ def _photo_scene(rng: random.Random, w: int, h: int) -> dict[str, Any]:
     pw, ph = _photo(name).size
     cw, ch = int(pw * rng.uniform(0.5, 1.0)), int(ph * rng.uniform(0.5, 1.0))
     x0, y0 = rng.randint(0, pw - cw), rng.randint(0, ph - ch)
-    scene = {"kind": "photo", "width": w, "height": h, "photo": name, "content": PHOTOS[name],
+    scene = {"kind": "photo", "width": w, "height": h, "photo": name,
              "crop": [x0, y0, x0 + cw, y0 + ch], "mirror": name != "page.png" and rng.random() < 0.5,
              "objects": [], "text": None}
     scene["colors"] = main_colors(render_scene(scene))
@@ -529,10 +515,12 @@ def _text_phrase(t: dict, rng: random.Random) -> str:
 
 
 def _photo_caption(scene: dict[str, Any], rng: random.Random) -> str:
-    what, colors = scene["content"], " and ".join(scene["colors"])
-    return rng.choice((f"A photograph of {what}.", f"This is a photo of {what}.",
-                       f"A real photograph showing {what}, mostly {colors}.",
-                       f"A photo of {what}; its main colours are {colors}."))
+    colors = " and ".join(scene["colors"])
+    return rng.choice((f"A real photograph, mostly {colors}.",
+                       f"This is a photograph, not a drawing of shapes; its main colours are {colors}.",
+                       f"A photo, mostly {colors}. I can describe simple shapes, colours and words, but I cannot "
+                       "tell what a photograph shows.",
+                       f"It looks like a real photograph, mostly {colors}; I cannot tell what it shows."))
 
 
 def caption(scene: dict[str, Any], rng: random.Random) -> str:
@@ -726,17 +714,18 @@ def describe_qa(scene: dict, rng: random.Random) -> dict:
 
 
 def photo_questions(scene: dict[str, Any], rng: random.Random) -> list[dict]:
-    """What a photo can answer: what it shows, its main colours, and questions about shapes it does not have."""
-    what, colors = scene["content"], " and ".join(scene["colors"])
+    """What a photo can answer: that it is one, its main colours, and questions about shapes it does not have."""
+    colors = " and ".join(scene["colors"])
     shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
     absent = rng.choice((f"What colour is the {shape}?", f"How many {SHAPE_PLURALS[shape]} are there?",
                          f"Where is the {color} {shape}?", f"Which shape is {color}?"))
     return [
         _qa("photo", rng.choice(("What is in this image?", "What does this picture show?", "Describe the image.",
-                                 "What do you see?")), _photo_caption(scene, rng), what),
+                                 "What do you see?")), _photo_caption(scene, rng), "photograph"),
         _qa("photo_colors", rng.choice(("What are the main colours of this image?", "Which colours do you see?")),
             f"Mostly {colors}.", colors),
-        _qa("photo_absent", absent, f"I don't see any simple shapes: this is a photograph of {what}.", what),
+        _qa("photo_absent", absent, f"I don't see any simple shapes: this is a real photograph, mostly {colors}.",
+            "photograph"),
     ]
 
 
