@@ -5,7 +5,7 @@
 # Knobs: make tiny-model TINY=runs/tiny2 TINY_TRAIN=3000 S1_ARGS='train.max_steps=100' ...
 # TINY_DEVICE=cuda trains on a GPU (the same recipe; evaluation stays on the CPU).
 # TINY_S3_POOL=16 renders 16 x 1000 fresh images for Stage III (pool_sft.jsonl) instead of reusing the train
-# split: the Stage III budget of the model shipped until 2026-11-29, a GPU one (docs/hovle-tiny.md):
+# split: the Stage III budget of the model shipped until session 29, a GPU one (docs/hovle-tiny.md):
 #   make tiny-model TINY_DEVICE=cuda TINY_S3_POOL=16 S3_ARGS='train.micro_batch_size=32 train.max_steps=600 \
 #     train.eval_every=200 data.num_workers=12'
 # TINY_SELFCHAT=256 adds SmolLM2's own chats and a KL term to SmolLM2 to Stage III (58 more CPU minutes).
