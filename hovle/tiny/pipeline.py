@@ -2,11 +2,15 @@
 
     python -m hovle.tiny.pipeline prepare  --out runs/tiny [--train N --heldout N --eval-per-type N ...]
     python -m hovle.tiny.pipeline pool     --out runs/tiny --splits 16      # optional: fresh Stage III images
-    python -m hovle.tiny.pipeline selfchat --out runs/tiny                  # SmolLM2's own chats (Stage III KL)
+    python -m hovle.tiny.pipeline selfchat --out runs/tiny                  # optional: SmolLM2's own chats
     hovle train examples/tiny/stage1_distill.yaml      # Stage I  -> runs/tiny/stage1/final
     hovle train examples/tiny/stage2_align.yaml        # Stage II -> runs/tiny/stage2/final
     hovle train examples/tiny/stage3_sft.yaml          # Stage III (LoRA, merged) -> runs/tiny/stage3/final
-    python -m hovle.tiny.pipeline ship --model runs/tiny/stage3/final --out runs/tiny/hovle-tiny
+    python -m hovle.tiny.pipeline ship --model runs/tiny/stage3/final --out runs/tiny/stage3/shipped --rank 16
+    hovle train examples/tiny/module_text.yaml         # the module's text path -> runs/tiny/module_text/final
+    python -m hovle.tiny.pipeline ship --model runs/tiny/module_text/final --out runs/tiny/module_text/shipped --rank 16
+    hovle train examples/tiny/text_kl.yaml             # distilled into SmolLM2's next tokens -> runs/tiny/text_kl/final
+    python -m hovle.tiny.pipeline ship --model runs/tiny/text_kl/final --out runs/tiny/hovle-tiny --rank 24
     python -m hovle.tiny.pipeline evaluate --model runs/tiny/hovle-tiny --data runs/tiny/data/eval.jsonl \
         --json runs/tiny/eval.json
 
@@ -122,7 +126,8 @@ def pool(out: str | Path, splits: int, images: int = 1000, seed: int = 300, work
 def selfchat(out: str | Path, model_dir: str | Path, n: int, seed: int = 0) -> dict[str, Any]:
     """Write `out/data/selfchat_sft.jsonl`: `n` text-only chats the step-0 LLM (SmolLM2) writes itself
     (`hovle.tiny.data.self_chat`), and `selfchat_prose.txt`: their turns as plain lines (`prose_lines`), both
-    for Stage III's language-keeping KL term. The chats are skipped when they exist."""
+    as text rows in SmolLM2's own distribution for a language KL (not part of `make tiny-model`). The chats are
+    skipped when they exist."""
     import torch
 
     from hovle import HoVLE, load_tokenizer
@@ -434,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--n", type=int, default=256, help="chats to keep (256 take about an hour on 2 CPU cores)")
     c.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("ship", help="write the shipped form (embedding module + low-rank LLM deltas) of a trained model")
-    s.add_argument("--model", required=True, help="the trained folder (stage3/final)")
+    s.add_argument("--model", required=True, help="a trained folder (e.g. stage3/final)")
     s.add_argument("--out", required=True)
-    s.add_argument("--rank", type=int, default=16, help="rank of the LLM deltas (the Stage III LoRA rank)")
+    s.add_argument("--rank", type=int, default=16, help="rank of the LLM deltas (the sum of the LoRA ranks trained on SmolLM2)")
     s.add_argument("--truncate", action="store_true",
                    help="keep each LLM delta's best rank-RANK part when it has more (a LoRA continued a shipped model)")
     r = sub.add_parser("probe", help="linear-probe colour/shape/count from a model's image tokens")
