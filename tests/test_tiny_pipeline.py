@@ -32,6 +32,10 @@ def needs_assets():
             pytest.skip(f"{mod} is not installed")
 
 
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _stage(config: str, init: Path, out: Path, fmt: str, train: Path, heldout: Path, *extra: str) -> Path:
     from hovle.train.config import TrainConfig
     from hovle.train.trainer import train as run
@@ -46,7 +50,7 @@ def _stage(config: str, init: Path, out: Path, fmt: str, train: Path, heldout: P
     ]
     final = run(TrainConfig.load(CONFIGS / config, overrides))
     assert final == out / "final" and (final / "config.json").is_file()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert any("eval_loss" in r for r in rows)
@@ -81,7 +85,7 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
     s1 = _stage("stage1_distill.yaml", run / "init", run / "stage1", "caption",
                 d / "train_caption.jsonl", d / "heldout_caption.jsonl", f"distill.feature_cache={run / 'features'}")
     assert list((run / "features").rglob("*.safetensors"))  # the teacher's features, cached for later epochs
-    s1_rows = [json.loads(line) for line in (run / "stage1/metrics.jsonl").read_text().splitlines()]
+    s1_rows = _metrics(run / "stage1")
     assert all("loss_object" in r for r in s1_rows if "loss" in r)  # prepare's captions carry the object boxes
     head = f"distill.object_head={s1 / 'object_head.safetensors'}"  # Stage I's frozen head reads II and III's tokens
     s2 = _stage("stage2_align.yaml", s1, run / "stage2", "caption",
@@ -91,7 +95,7 @@ def test_pipeline_end_to_end(tmp_path, needs_assets):
                  f"{{path: {d / 'reference_prose.txt'}, format: text}}]"
     s3 = _stage("stage3_sft.yaml", s2, run / "stage3", "conversation", d / "train_sft.jsonl", d / "heldout_sft.jsonl",
                 "data.max_length=512", head, f"anchor.language_reference={run / 'init'}", with_prose)
-    s3_rows = [json.loads(line) for line in (run / "stage3/metrics.jsonl").read_text().splitlines()]
+    s3_rows = _metrics(run / "stage3")
     assert any(r.get("loss_language_kl", 0) > 0 for r in s3_rows)  # the text rows are held at SmolLM2
 
     # Stage III's LoRA is merged: a plain model of the init's size, whose LLM differs from Stage II's.
