@@ -681,6 +681,35 @@ def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, 
             config(tmp_path, base, data, "distill", **(alone | {"distill__object_labels": {}}))
 
 
+def test_word_term_puts_each_object_centre_at_its_words_embeddings(tmp_path, base, data, tok):
+    """distill.word_weight alone: the token where a square's centre lies learns the LLM's own embedding of its
+    colour word (one attribute: divided by sqrt 1). No object head is made or saved; the term needs labels."""
+    from hovle.train.trainer import attribute_word_embeddings, word_loss
+
+    sources, _ = _square_boxes(tmp_path, data, seed=2)
+    over = dict(sources=sources, data__max_tiles=1, distill__image_weight=0.0, distill__word_weight=1.0,
+                distill__object_labels={"color": ["red", "blue"]})
+    cfg = config(tmp_path, base, data, "distill", train__max_steps=40, **over)
+    trainer = Trainer(cfg)
+    assert trainer.module.object_head is None and cfg.loss_weights()["word"] == 1.0
+    table = trainer.model.language_model.tok_embeddings.weight.detach()
+    words = attribute_word_embeddings({"color": ["red", "blue"]}, tok, table)
+    assert torch.equal(words[0][1], table[tok.encode(" blue", add_special_tokens=False)].float().mean(0))
+    targets = torch.full((1, 4, 2), IGNORE_INDEX)
+    targets[0, :, 0], targets[0, 2] = 0, torch.tensor([1, 1])  # token 2: a blue object's centre
+    x = torch.zeros(1, 4, table.shape[1])
+    x[0, 2] = words[0][1]
+    assert float(word_loss(x, targets, words)) == 0.0
+    x[0, 2] = 0.0
+    assert float(word_loss(x, targets, words)) == pytest.approx(1.0)  # relative error of 0 against the target
+    final = train(cfg)
+    first, last = _first_and_last(tmp_path / "run", ("loss_word",))["loss_word"]
+    assert last < 0.3 * first, (first, last)
+    assert not (final / OBJECT_HEAD_FILE).exists()
+    with pytest.raises(ConfigError, match="distill.word_weight needs distill.object_labels"):
+        config(tmp_path, base, data, "distill", **(over | {"distill__object_labels": {}}))
+
+
 def _first_and_last(run: Path, terms: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """Each term's mean over the first and over the last 4 logged training steps."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]

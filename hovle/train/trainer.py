@@ -165,6 +165,25 @@ class DistillHead(nn.Module):
         return x
 
 
+def attribute_word_embeddings(labels: dict[str, list[str]], tokenizer, table: Tensor) -> list[Tensor]:
+    """distill.word_weight's vocabulary: per attribute, [values, C] fp32 rows of the LLM's input table `table`,
+    each value's embedding as a word (" red"; the mean over its tokens where it has several)."""
+    return [torch.stack([table[tokenizer.encode(" " + v, add_special_tokens=False)].float().mean(0) for v in values])
+            for values in labels.values()]
+
+
+def word_loss(x: Tensor, targets: Tensor, words: list[Tensor]) -> Tensor:
+    """Sum over the image tokens x [N, n, C] where an object's centre lies (targets [N, n, K], data.object_targets)
+    of the relative squared error against sum(attribute word embeddings) / sqrt(attributes)."""
+    attrs = targets[..., 1:1 + len(words)]  # [N, n, A] value indices
+    keep = (targets[..., 0] == 1) & (attrs != IGNORE_INDEX).all(-1)
+    if not bool(keep.any()):
+        return x.sum() * 0.0
+    chosen = attrs[keep]  # [K, A]
+    target = sum(w.to(x.device)[chosen[:, i]] for i, w in enumerate(words)) / math.sqrt(len(words))
+    return relative_error(x[keep], target).sum()
+
+
 def object_loss(logits: Tensor, targets: Tensor, sizes: list[int]) -> Tensor:
     """Sum over labelled image tokens of distill.object_weight's loss: `logits` [N, n, 1 + sum(sizes)] (an object
     centre's logit, then each attribute's classes), `targets` [N, n, 1 + len(sizes)] (data.object_targets).
@@ -243,10 +262,13 @@ class StageModule(nn.Module):
     def __init__(self, model: nn.Module, stage: str, distill: DistillConfig | None = None,
                  head: DistillHead | None = None, anchor: AnchorConfig | None = None,
                  reference: nn.Module | None = None, vision_reference: nn.Module | None = None, lm: bool = True,
-                 object_head: nn.Linear | None = None, object_labels: dict[str, list[str]] | None = None):
+                 object_head: nn.Linear | None = None, object_labels: dict[str, list[str]] | None = None,
+                 words: list[Tensor] | None = None):
         super().__init__()
         self.model, self.stage, self.head, self.object_head = model, stage, head, object_head
-        self.object_sizes = [len(v) for v in (object_labels or {}).values()]  # classes per attribute
+        self.words = words  # attribute_word_embeddings, for distill.word_weight
+        self.object_labels = object_labels or {}
+        self.object_sizes = [len(v) for v in self.object_labels.values()]  # classes per attribute
         self.lm = lm  # whether stages align/sft compute their cross-entropy term (train.lm_weight > 0)
         self.reference = reference  # frozen LanguageModel for anchor.language_kl_weight
         self.vision_reference = vision_reference  # frozen HoVLE for anchor.vision_kl_weight / module_image_weight
@@ -284,7 +306,7 @@ class StageModule(nn.Module):
                 out["lm"] = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             if self.anchor.vision_kl_weight:
                 out["vision_kl"] = self._vision_kl(b, logits, keep)
-        if self.object_head is not None:  # the LLM-side tokens of each tile, in pixel_values order: [N, n, C]
+        if self.object_labels:  # the LLM-side tokens of each tile, in pixel_values order: [N, n, C]
             image = x[ids == m.config.embedding.img_context_token_id].view(-1, m.config.num_image_token, x.shape[-1])
             out |= self._objects(image, b["object_targets"])
         if self.anchor.module_image_weight:
@@ -344,13 +366,15 @@ class StageModule(nn.Module):
     def _objects(self, x: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
         """distill.object_weight's and count_weight's terms from the image tokens x [N, n, C]."""
         d = self.distill
-        terms = [k for k in ("object", "count") if getattr(d, f"{k}_weight")]
+        terms = [k for k in ("object", "count", "word") if getattr(d, f"{k}_weight")]
         if targets is None:
             return {k: x.sum() * 0.0 for k in terms}  # keeps every process's graph the same shape under DDP
+        out = {"word": word_loss(x, targets, self.words)} if d.word_weight else {}
+        if not (d.object_weight or d.count_weight):
+            return out
         sizes = self.object_sizes
         y = self.object_head(x).float()  # [N, n, 1 + sum(sizes) + count classes]
         split, A = 1 + sum(sizes), 1 + len(sizes)
-        out = {}
         if d.object_weight:
             out["object"] = object_loss(y[..., :split], targets[..., :A], sizes)
         if d.count_weight:
@@ -370,7 +394,7 @@ class StageModule(nn.Module):
             x = m.embed(ids, b["pixel_values"], hd)  # [N, n, C], the LLM-side image tokens
             if self.head is not None:
                 out["image"] = self._teacher_loss(x, b["teacher_features"])
-            if self.object_head is not None:
+            if self.object_labels:
                 out |= self._objects(x, b["object_targets"])
             if self.anchor.image_rms_weight:
                 out["image_rms"] = self._image_rms(x)
@@ -395,7 +419,8 @@ def target_counts(batch: dict, stage: str) -> dict[str, int]:
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
     ot = batch["object_targets"]
     objects = 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())
-    counts |= {"object": objects, "count": objects}
+    centres = 0 if ot is None else int((ot[..., 0] == 1).sum())
+    counts |= {"object": objects, "count": objects, "word": centres}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
     tf = batch["teacher_features"]
@@ -494,15 +519,21 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         object_head, self.object_labels = None, None
         d, width = cfg.distill, self.model.config.llm.hidden_size
-        if d.object_weight or d.count_weight:
+        if d.object_weight or d.count_weight or d.word_weight:
             if d.object_head:
                 object_head, self.object_labels = load_object_head(d.object_head, d.object_labels, width)
             else:
                 self.object_labels = d.object_labels
-                object_head = seeded_init(nn.Linear(width, object_head_outputs(d.object_labels)), cfg.train.seed + 2)
+                if d.object_weight or d.count_weight:
+                    head_shape = nn.Linear(width, object_head_outputs(d.object_labels))
+                    object_head = seeded_init(head_shape, cfg.train.seed + 2)
+        words = None
+        if d.word_weight:
+            words = attribute_word_embeddings(self.object_labels, self.tokenizer,
+                                              self.model.language_model.tok_embeddings.weight.detach())
         self.module = StageModule(self.model, cfg.stage, cfg.distill, head, cfg.anchor, *self._references(),
                                   lm=bool(cfg.train.lm_weight), object_head=object_head,
-                                  object_labels=self.object_labels).to(self.device)
+                                  object_labels=self.object_labels, words=words).to(self.device)
         self.module.train()
         self.wrapped = self._parallelize()  # before the optimizer: FSDP2 swaps in sharded parameters
         self.trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
