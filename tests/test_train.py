@@ -708,6 +708,8 @@ def test_word_term_puts_each_object_centre_at_its_words_embeddings(tmp_path, bas
     assert not (final / OBJECT_HEAD_FILE).exists()
     with pytest.raises(ConfigError, match="distill.word_weight needs distill.object_labels"):
         config(tmp_path, base, data, "distill", **(over | {"distill__object_labels": {}}))
+    config(tmp_path, base, data, "align", sources=sources, distill__word_weight=1.0,  # labels alone: no head needed
+           distill__object_labels={"color": ["red", "blue"]})
 
 
 def _first_and_last(run: Path, terms: tuple[str, ...]) -> dict[str, tuple[float, float]]:

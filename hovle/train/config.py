@@ -302,7 +302,7 @@ class TrainConfig:
             if self.stage == "distill":
                 _check(self.data.max_tiles == 1, f"distill.{name} in stage distill needs data.max_tiles 1 (object "
                        f"boxes are given on the whole image), not {self.data.max_tiles}")
-            else:
+            elif name != "word_weight":  # the word term has fixed targets: the labels alone are enough
                 _check(bool(self.distill.object_head), f"distill.{name} in stage {self.stage} anchors the image "
                        "tokens to a trained head: give distill.object_head (a Stage I run's object_head.safetensors)")
         _check(not (self.lora.enabled and self.stage != "sft"), f"lora.enabled is for stage sft, not {self.stage}")
