@@ -172,14 +172,20 @@ def attribute_word_embeddings(labels: dict[str, list[str]], tokenizer, table: Te
             for values in labels.values()]
 
 
+def word_positions(targets: Tensor) -> Tensor:
+    """[N, n] bool over object targets [N, n, K] (data.object_targets): the tokens distill.word_weight holds,
+    those where an object's centre lies and every attribute is known (a box too small to cover its own centre
+    cell's centre leaves them unknown). The count columns after the attributes are never ignored there."""
+    return (targets[..., 0] == 1) & (targets[..., 1:] != IGNORE_INDEX).all(-1)
+
+
 def word_loss(x: Tensor, targets: Tensor, words: list[Tensor]) -> Tensor:
-    """Sum over the image tokens x [N, n, C] where an object's centre lies (targets [N, n, K], data.object_targets)
-    of the relative squared error against sum(attribute word embeddings) / sqrt(attributes)."""
-    attrs = targets[..., 1:1 + len(words)]  # [N, n, A] value indices
-    keep = (targets[..., 0] == 1) & (attrs != IGNORE_INDEX).all(-1)
+    """Sum over the image tokens x [N, n, C] at `word_positions(targets)` of the relative squared error against
+    sum(attribute word embeddings) / sqrt(attributes)."""
+    keep = word_positions(targets)
     if not bool(keep.any()):
         return x.sum() * 0.0
-    chosen = attrs[keep]  # [K, A]
+    chosen = targets[..., 1:1 + len(words)][keep]  # [K, A] value indices
     target = sum(w.to(x.device)[chosen[:, i]] for i, w in enumerate(words)) / math.sqrt(len(words))
     return relative_error(x[keep], target).sum()
 
@@ -364,7 +370,7 @@ class StageModule(nn.Module):
         return loss.sum()
 
     def _objects(self, x: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
-        """distill.object_weight's and count_weight's terms from the image tokens x [N, n, C]."""
+        """distill.object_weight's, count_weight's and word_weight's terms from the image tokens x [N, n, C]."""
         d = self.distill
         terms = [k for k in ("object", "count", "word") if getattr(d, f"{k}_weight")]
         if targets is None:
@@ -419,7 +425,7 @@ def target_counts(batch: dict, stage: str) -> dict[str, int]:
               "language_kl": batch.get("language_kl_tokens", 0), "vision_kl": batch.get("vision_kl_tokens", 0)}
     ot = batch["object_targets"]
     objects = 0 if ot is None else int((ot[..., 0] != IGNORE_INDEX).sum())
-    centres = 0 if ot is None else int((ot[..., 0] == 1).sum())
+    centres = 0 if ot is None else int(word_positions(ot).sum())
     counts |= {"object": objects, "count": objects, "word": centres}
     if stage != "distill":
         return counts | {"lm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
@@ -519,14 +525,13 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         object_head, self.object_labels = None, None
         d, width = cfg.distill, self.model.config.llm.hidden_size
-        if d.object_weight or d.count_weight or d.word_weight:
-            if d.object_head:
-                object_head, self.object_labels = load_object_head(d.object_head, d.object_labels, width)
-            else:
-                self.object_labels = d.object_labels
-                if d.object_weight or d.count_weight:
-                    head_shape = nn.Linear(width, object_head_outputs(d.object_labels))
-                    object_head = seeded_init(head_shape, cfg.train.seed + 2)
+        uses_head = bool(d.object_weight or d.count_weight)
+        if d.object_head and (uses_head or d.word_weight):
+            object_head, self.object_labels = load_object_head(d.object_head, d.object_labels, width)
+        elif uses_head or d.word_weight:
+            self.object_labels = d.object_labels
+            if uses_head:
+                object_head = seeded_init(nn.Linear(width, object_head_outputs(d.object_labels)), cfg.train.seed + 2)
         words = None
         if d.word_weight:
             words = attribute_word_embeddings(self.object_labels, self.tokenizer,
