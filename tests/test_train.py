@@ -349,6 +349,13 @@ def test_freeze_for_stage():
         for name, p in model.named_parameters():
             unused = name.endswith("class_embedding") or name == "language_model.tok_embeddings.weight"
             assert p.requires_grad == (name.startswith(expect) and not unused), (stage, name)
+    # `frozen` takes glob patterns as well as prefixes; an entry that matches nothing (a typo) is refused
+    freeze_for_stage(model, "sft", (), ["language_model.*norm*", "language_model.tok_embeddings"])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n.startswith("language_model.")}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith("language_model.")
+                      and ("norm" in n or "tok_embeddings" in n)} and len(frozen) > 3
+    with pytest.raises(ConfigError, match=r"\['language_model.\*nrm\*'\] match no parameter"):
+        freeze_for_stage(model, "sft", (), ["language_model.*nrm*"])
     # LoRA parts train their adapters only; other parts follow the stage; `frozen` prefixes never train
     pytest.importorskip("peft")
     apply_lora(model, LoRAConfig(r=2, target_modules=["feed_forward.w2"], parts=["language_model"]))

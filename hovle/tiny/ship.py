@@ -122,7 +122,8 @@ def export(model_dir: str | Path, out: str | Path, rank: int = 16, dtype: torch.
             tensors[name] = p.to(dtype).contiguous()
         elif not torch.equal(p, base[name]):
             if p.ndim != 2:
-                raise ConfigError(f"{model_dir}: {name} differs from SmolLM2 and is not a linear weight")
+                raise ConfigError(f"{model_dir}: {name} differs from SmolLM2 and is not a linear weight; the shipped "
+                                  "form carries linear deltas only (train with model.freeze: [language_model.*norm*])")
             u, s, vh = torch.linalg.svd(p - base[name], full_matrices=False)
             rest = (s[rank:].norm() / s.norm()).item()
             left_out = max(left_out, rest)

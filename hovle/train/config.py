@@ -28,7 +28,8 @@ class ModelConfig:
     init: str = "tiny"  # a checkpoint folder (fine-tune) or a preset name (random init, e.g. "tiny")
     tokenizer: str | None = None  # tokenizer folder; default: `init` when it is a folder
     seed: int = 0  # random init seed (presets only)
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes that stay frozen in this stage
+    # parameter names that stay frozen in this stage: prefixes, or glob patterns ("language_model.*norm*")
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _check(bool(self.init), "model.init must name a checkpoint folder or a preset")

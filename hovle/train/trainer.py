@@ -8,6 +8,7 @@ optimizer, scheduler, RNG and each process's data position; frozen weights are r
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import math
@@ -44,11 +45,17 @@ from hovle.weights import atomic_write
 def freeze_for_stage(model: HoVLE, stage: str, lora_parts: Sequence[str] = (), frozen: Sequence[str] = ()) -> None:
     """Set requires_grad for `stage`: distill/align train the embedding module, sft the whole model. In the
     `lora_parts` (model prefixes carrying LoRA adapters) only the adapters train; other parts train as the stage
-    says. Names starting with a `frozen` prefix never train. Weights HoVLE never uses stay frozen (bit-identical)
-    in every stage: the CLS position embedding and the LLM's input table (unless it is tied to the output head)."""
+    says. Names matching a `frozen` entry (a prefix, or a glob pattern such as `language_model.*norm*`) never
+    train; an entry that matches nothing is a ConfigError, not a silent no-op. Weights HoVLE never uses stay frozen
+    (bit-identical) in every stage: the CLS position embedding and the LLM's input table (unless it is tied to the
+    output head)."""
     unused = {"embedding_model.vision_embeddings.class_embedding"}
     if not model.config.llm.tie_word_embeddings:
         unused.add("language_model.tok_embeddings.weight")
+    names = [name for name, _ in model.named_parameters()]
+    idle = [f for f in frozen if not any(_names(f, name) for name in names)]
+    if idle:
+        raise ConfigError(f"model.freeze: {idle} match no parameter of the model")
     for name, p in model.named_parameters():
         if any(name.startswith(part + ".") for part in lora_parts):
             train = "lora_" in name
@@ -56,7 +63,12 @@ def freeze_for_stage(model: HoVLE, stage: str, lora_parts: Sequence[str] = (), f
             train = name not in unused
         else:
             train = name.startswith("embedding_model.") and name not in unused
-        p.requires_grad_(train and not any(name.startswith(prefix) for prefix in frozen))
+        p.requires_grad_(train and not any(_names(f, name) for f in frozen))
+
+
+def _names(entry: str, name: str) -> bool:
+    """Whether a model.freeze `entry` names parameter `name`: as its prefix, or as a glob pattern."""
+    return name.startswith(entry) or fnmatch.fnmatchcase(name, entry)
 
 
 def apply_lora(model: HoVLE, cfg) -> nn.Module:
