@@ -161,3 +161,32 @@ def test_probe_reads_what_the_features_carry(tmp_path, monkeypatch):
     assert report["color"] == 1.0 and report["shape"] < 0.6
     monkeypatch.setattr(P, "_image_features", lambda model, folder, images: torch.randn(len(images), 24, generator=gen))
     assert P.probe("unused", tmp_path / "train_scenes.jsonl")["color"] < 0.5
+
+
+def test_word_map_check_scores_the_map_the_word_term_teaches(tmp_path, monkeypatch, checkpoint):
+    """Image tokens that are exactly distill.word_weight's map score 100% on colour words, shape words and quiet
+    tokens; all-zero tokens are quiet but name no colour right beyond one value."""
+    from hovle import load_tokenizer
+    from hovle.tiny import data as D
+    from hovle.tiny import pipeline as P
+    from hovle.train.data import object_targets
+    from hovle.train.trainer import attribute_word_embeddings, word_map
+
+    colors, shapes = list(D.COLORS), list(D.SHAPES)
+    rows = [{"image": f"{i}.png", "caption": "x", "objects": [
+        {"box": [0.05, 0.05, 0.3, 0.3], "color": colors[i % 8], "shape": shapes[i % 4]},
+        {"box": [0.5, 0.55, 0.9, 0.95], "color": colors[(i + 3) % 8], "shape": shapes[(i + 1) % 4]}]} for i in range(8)]
+    rows.append({"image": "text.png", "caption": "x", "objects": []})
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def perfect(model, folder, images):
+        labels = {"color": colors, "shape": shapes}
+        words = attribute_word_embeddings(labels, load_tokenizer(checkpoint), model.language_model.tok_embeddings.weight)
+        grid = int(model.config.num_image_token ** 0.5)
+        return word_map(torch.stack([object_targets(r["objects"], labels, grid) for r in rows[:8]]), words)[0].detach()
+
+    monkeypatch.setattr(P, "_image_tokens", perfect)
+    assert P.word_map_check(checkpoint, tmp_path / "c.jsonl") == {"map_color": 1.0, "map_shape": 1.0, "map_quiet": 1.0}
+    monkeypatch.setattr(P, "_image_tokens", lambda model, folder, images: torch.zeros_like(perfect(model, folder, images)))
+    blank = P.word_map_check(checkpoint, tmp_path / "c.jsonl")
+    assert blank["map_quiet"] == 1.0 and blank["map_color"] <= 0.25

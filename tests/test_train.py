@@ -639,6 +639,8 @@ def test_object_targets_mark_centres_and_cover_cells_with_attributes():
     color[2:, 1:] = color[1:, 2:] = 1  # the blue box from 0.375 on; cell (1, 1) is nearer the red centre
     assert torch.equal(t[..., 1], color), t[..., 1]
     assert torch.equal(t[..., 2], color)  # circle <-> red, square <-> blue
+    small = object_targets([{"box": [0.52, 0.52, 0.6, 0.6], "color": "blue", "shape": "circle"}], labels, 4)
+    assert small[10, :3].tolist() == [1, 1, 0] and int((small[:, 1] != -100).sum()) == 1  # covers no cell centre
     with pytest.raises(BadSample, match="object color 'teal' is not one of"):
         object_targets([{"box": [0, 0, 1, 1], "color": "teal", "shape": "circle"}], labels, 4)
     for bad in ([{"box": [0.5, 0, 0.2, 1]}], [{"shape": "circle"}], "circle"):
@@ -690,8 +692,8 @@ def test_object_term_teaches_the_image_tokens_where_objects_are(tmp_path, base, 
 
 def test_word_term_puts_each_object_centre_at_its_words_embeddings(tmp_path, base, data, tok):
     """distill.word_weight alone: the token where a square's centre lies learns the LLM's own embedding of its
-    colour word (one attribute: divided by sqrt 1). No object head is made or saved; the term needs labels."""
-    from hovle.train.trainer import attribute_word_embeddings, word_loss
+    colour word, the tile's other tokens zero. No object head is made or saved; the term needs labels."""
+    from hovle.train.trainer import attribute_word_embeddings
 
     sources, _ = _square_boxes(tmp_path, data, seed=2)
     over = dict(sources=sources, data__max_tiles=1, distill__image_weight=0.0, distill__word_weight=1.0,
@@ -702,13 +704,6 @@ def test_word_term_puts_each_object_centre_at_its_words_embeddings(tmp_path, bas
     table = trainer.model.language_model.tok_embeddings.weight.detach()
     words = attribute_word_embeddings({"color": ["red", "blue"]}, tok, table)
     assert torch.equal(words[0][1], table[tok.encode(" blue", add_special_tokens=False)].float().mean(0))
-    targets = torch.full((1, 4, 2), IGNORE_INDEX)
-    targets[0, :, 0], targets[0, 2] = 0, torch.tensor([1, 1])  # token 2: a blue object's centre
-    x = torch.zeros(1, 4, table.shape[1])
-    x[0, 2] = words[0][1]
-    assert float(word_loss(x, targets, words)) == 0.0
-    x[0, 2] = 0.0
-    assert float(word_loss(x, targets, words)) == pytest.approx(1.0)  # relative error of 0 against the target
     final = train(cfg)
     first, last = _first_and_last(tmp_path / "run", ("loss_word",))["loss_word"]
     assert last < 0.3 * first, (first, last)
@@ -717,6 +712,35 @@ def test_word_term_puts_each_object_centre_at_its_words_embeddings(tmp_path, bas
         config(tmp_path, base, data, "distill", **(over | {"distill__object_labels": {}}))
     config(tmp_path, base, data, "align", sources=sources, distill__word_weight=1.0,  # labels alone: no head needed
            distill__object_labels={"color": ["red", "blue"]})
+
+
+def test_word_map_writes_each_object_as_its_words_in_a_row(tok):
+    """Two attributes: an object's colour word at its centre token, its shape word at the next; a centre keeps
+    its own colour where another object's shape word would land; a shape word past the tile's end is dropped;
+    the quiet tokens of a tile with objects count in all as much as the written ones; tiles without targets
+    count nothing."""
+    from hovle.train.trainer import attribute_word_embeddings, word_loss, word_map
+
+    table = torch.randn(tok.vocab_size, 8)
+    color, shape = attribute_word_embeddings({"color": ["red", "blue"], "shape": ["circle", "square"]}, tok, table)
+    targets = torch.full((2, 6, 3), IGNORE_INDEX)
+    targets[0, :, 0] = 0
+    targets[0, 1] = torch.tensor([1, 1, 1])  # a blue square centred at token 1
+    targets[0, 2] = torch.tensor([1, 0, 0])  # a red circle at token 2: its colour wins over the square's shape
+    targets[0, 5] = torch.tensor([1, 0, 1])  # a red square at the last token: its shape word falls off the tile
+    target, written, quiet = word_map(targets, [color, shape])
+    expected = torch.zeros(2, 6, 8)
+    expected[0, 1], expected[0, 2], expected[0, 3], expected[0, 5] = color[1], color[0], shape[0], color[0]
+    assert torch.equal(target, expected)
+    assert written[0].tolist() == [False, True, True, True, False, True] and not written[1].any()
+    assert quiet[0].tolist() == [True, False, False, False, True, False] and not quiet[1].any()
+    x = expected.clone()
+    x[1] = 5.0  # the tile without targets is free
+    assert float(word_loss(x, targets, [color, shape])) == 0.0
+    x[0, 0] = shape[1]
+    scale = torch.cat([color, shape]).pow(2).sum(-1).mean()
+    blank = 4 / 2  # 4 written tokens, 2 quiet ones
+    assert float(word_loss(x, targets, [color, shape])) == pytest.approx(float(shape[1].pow(2).sum() / scale * blank / 2))
 
 
 def _first_and_last(run: Path, terms: tuple[str, ...]) -> dict[str, tuple[float, float]]:

@@ -346,9 +346,8 @@ def evaluate(model_dir: str | Path, data: str | Path, json_out: str | Path | Non
     return report
 
 
-def _image_features(model, folder: Path, images: list[str], batch: int = 32):
-    """Mean- and max-pooled image tokens and the last one [N, 3C] that the embedding module hands the LLM (one
-    tile per image). The module is causal: only the last token has seen the whole tile (distill.count_weight)."""
+def _image_tokens(model, folder: Path, images: list[str], batch: int = 32):
+    """The image tokens [N, n, C] (fp32) that the embedding module hands the LLM, one tile per image."""
     import torch
 
     from hovle import load_image
@@ -360,9 +359,55 @@ def _image_features(model, folder: Path, images: list[str], batch: int = 32):
         for i in range(0, len(images), batch):
             pixels = torch.cat([load_image(folder / p, input_size=cfg.tile_size, max_num=1) for p in images[i:i + batch]])
             ids = torch.full((len(pixels), cfg.num_image_token), ctx)
-            x = model.embed(ids, pixels.to(model.dtype)).float()  # [n, tokens, C]
-            out.append(torch.cat([x.mean(1), x.amax(1), x[:, -1]], -1))
+            out.append(model.embed(ids, pixels.to(model.dtype)).float())
     return torch.cat(out)
+
+
+def _image_features(model, folder: Path, images: list[str]):
+    """Mean- and max-pooled image tokens and the last one [N, 3C]. The module is causal: only the last token has
+    seen the whole tile (distill.count_weight)."""
+    import torch
+
+    x = _image_tokens(model, folder, images)
+    return torch.cat([x.mean(1), x.amax(1), x[:, -1]], -1)
+
+
+def word_map_check(model_dir: str | Path, captions: str | Path, n: int = 400) -> dict[str, float]:
+    """How well the image tokens write distill.word_weight's map, on the first `n` images with objects of a
+    {split}_caption.jsonl (one tile each): the share of objects whose centre token is nearest their colour word
+    and whose next token is nearest their shape word (among the attribute's values; where that token is not
+    another object's centre), and the share of quiet tokens under half a word's norm."""
+    import math
+
+    import torch
+
+    from hovle import HoVLE, load_tokenizer
+    from hovle.tiny.data import COLORS, SHAPES, read_jsonl
+    from hovle.train.data import object_targets
+    from hovle.train.trainer import attribute_word_embeddings, word_map
+
+    captions = Path(captions)
+    rows = [r for r in read_jsonl(captions) if r.get("objects")][:n]
+    model = HoVLE.from_pretrained(model_dir)
+    labels = {"color": list(COLORS), "shape": list(SHAPES)}
+    words = attribute_word_embeddings(labels, load_tokenizer(model_dir), model.language_model.tok_embeddings.weight.detach())
+    grid = math.isqrt(model.config.num_image_token)
+    targets = torch.stack([object_targets(r["objects"], labels, grid) for r in rows])  # [N, n, K]
+    x = _image_tokens(model, captions.parent, [r["image"] for r in rows])  # [N, n, C]
+    _, _, quiet = word_map(targets, words)
+    centre = targets[..., 0] == 1
+    tile, pos = centre.nonzero(as_tuple=True)
+    color_hit = torch.cdist(x[tile, pos], words[0]).argmin(-1) == targets[tile, pos, 1]
+    shaped = (pos + 1 < grid * grid) & ~centre[tile, (pos + 1).clamp(max=grid * grid - 1)]
+    t, p = tile[shaped], pos[shaped]
+    shape_hit = torch.cdist(x[t, p + 1], words[1]).argmin(-1) == targets[t, p, 2]
+    word_norm = float(torch.cat(words).norm(dim=-1).mean())
+    report = {"map_color": float(color_hit.float().mean()),
+              "map_shape": float(shape_hit.float().mean()),
+              "map_quiet": float((x[quiet].norm(dim=-1) < word_norm / 2).float().mean())}
+    print(f"word map: {len(pos)} objects in {len(rows)} images: colour words {report['map_color']:.1%}, shape words "
+          f"{report['map_shape']:.1%} ({len(t)}), quiet tokens {report['map_quiet']:.1%}")
+    return report
 
 
 def probe(model_dir: str | Path, scenes: str | Path, n: int = 600, seed: int = 0) -> dict[str, float]:
@@ -448,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", required=True)
     r.add_argument("--scenes", required=True, help="a {split}_scenes.jsonl (images relative to its folder)")
     r.add_argument("--n", type=int, default=600, help="images per task")
+    w = sub.add_parser("mapcheck", help="how well a model's image tokens write distill.word_weight's word map")
+    w.add_argument("--model", required=True)
+    w.add_argument("--captions", required=True, help="a {split}_caption.jsonl with object boxes")
+    w.add_argument("--n", type=int, default=400, help="images with objects")
     e = sub.add_parser("evaluate", help="per-type accuracy of model.chat on eval.jsonl")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True, help="eval.jsonl (images relative to its folder)")
@@ -476,6 +525,8 @@ def _run(args: argparse.Namespace) -> int:
         selfchat(args.out, args.model or Path(args.out) / "init", args.n, args.seed)
     elif args.command == "probe":
         probe(args.model, args.scenes, args.n)
+    elif args.command == "mapcheck":
+        word_map_check(args.model, args.captions, args.n)
     elif args.command == "ship":
         from hovle.tiny.ship import export
 

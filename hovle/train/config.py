@@ -180,12 +180,13 @@ class DistillConfig:
     # (the only tile, or the thumbnail). Without it, HoVLE-Tiny's Stage II washed the last token's count table
     # out within 100 steps (exact total counts 82% -> 27% of held-out images).
     object_head: str | None = None
-    # Each image token where an object's centre lies regresses (relative squared error) the LLM's own input
-    # embeddings of the object's attribute words (" red", " circle"), summed and divided by sqrt(attributes):
-    # the LLM then reads an object as it reads its words. From tokens that carry colour and shape in a code of
-    # their own, HoVLE-Tiny's LLM named the asked object's colour in 46% of scenes of several objects; given
-    # the same scenes written in words it learned that binding (92%) within 4,800 samples (docs/hovle-tiny.md,
-    # session 32, which measures this term).
+    # The image tokens write each object as its attribute words in a row, in the LLM's own input embeddings:
+    # " red" at the token where its centre lies, " circle" at the next, zero at every other token of the tile
+    # (squared error in units of the words' mean squared norm; the quiet tokens weigh in all as much as the
+    # words). The LLM then reads an object as it reads its words. From tokens that carry colour and shape in a
+    # code of their own, HoVLE-Tiny's LLM named the asked object's colour in 46% of scenes of several objects;
+    # given the same scenes written in words it learned that binding (92%) within 4,800 samples; from perfect
+    # maps of this form, 86% (docs/hovle-tiny.md, sessions 32-33).
     word_weight: float = 0.0
 
     def __post_init__(self):
@@ -228,8 +229,9 @@ class AnchorConfig:
     model.init). It keeps what a trained model answers about images while a continuation changes something
     else (learning without forgetting): a CPU continuation of HoVLE-Tiny on cross-entropy alone lost 6 points
     of colour and 14 of shape.
-    module_image_weight: relative squared error of the module's outputs at the image tokens against those of
-    the `vision_reference` model's module on the same input (any stage). It holds what the LLM reads from an
+    module_image_weight: squared error of the module's outputs at the image tokens against those of the
+    `vision_reference` model's module on the same input (any stage), in units of the reference's mean squared
+    norm over the batch's image tokens. It holds what the LLM reads from an
     image while a module-only run (stage distill, no teacher) repairs the module's text path, at the cost of
     the module alone: the LLM never runs.
     """

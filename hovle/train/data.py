@@ -123,9 +123,10 @@ def count_classes(labels: dict[str, list[str]]) -> list[dict[str, str]]:
 def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int) -> Tensor:
     """[grid*grid, 1 + len(labels) + len(count_classes(labels))] long targets of the image tokens, row-major over
     the image: column 0 is 1 where an object's box centre lies in the token's cell, else 0; column 1 + i is the
-    index in labels' i-th value list of that attribute of the object whose box covers the cell's centre (the
-    nearest centre where boxes overlap), IGNORE_INDEX where none does; then, per count class, how many objects
-    of the class have their centre cell at or before the token's."""
+    index in labels' i-th value list of that attribute of the object whose centre lies in the cell, else of the
+    object whose box covers the cell's centre (the nearest centre where boxes overlap), IGNORE_INDEX where none
+    does; then, per count class, how many objects of the class have their centre cell at or before the token's.
+    A centre cell always has its object's attributes, also where a small box misses the cell's centre."""
     classes = count_classes(labels)
     counts = torch.zeros(grid * grid, len(classes), dtype=torch.long)
     out = torch.full((grid, grid, 1 + len(labels)), IGNORE_INDEX, dtype=torch.long)
@@ -133,20 +134,24 @@ def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int)
     centre = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # cell centres, 0-1
     v, u = torch.meshgrid(centre, centre, indexing="ij")  # [g, g] row (y) and column (x)
     best = torch.full((grid, grid), float("inf"), dtype=torch.float64)
+    centres = []
     for o in objects:
         x0, y0, x1, y1 = o["box"]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         row, col = min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)
-        out[row, col, 0] = 1
         dist = (u - cx) ** 2 + (v - cy) ** 2
         cover = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1) & (dist < best)
         best = torch.where(cover, dist, best)
-        for i, (attr, values) in enumerate(labels.items()):
+        for attr, values in labels.items():
             if o.get(attr) not in values:
                 raise BadSample("bad_record", f"object {attr} {o.get(attr)!r} is not one of distill.object_labels"
                                               f"[{attr!r}] {values}")
-            out[..., 1 + i][cover] = values.index(o[attr])
+        centres.append((row, col, [values.index(o[attr]) for attr, values in labels.items()]))
+        for i, values in enumerate(labels.values()):
+            out[..., 1 + i][cover] = centres[-1][2][i]
         counts[row * grid + col:] += torch.tensor([all(o[a] == v for a, v in c.items()) for c in classes])
+    for row, col, attrs in centres:
+        out[row, col] = torch.tensor([1, *attrs])
     return torch.cat([out.reshape(grid * grid, -1), counts], dim=1)
 
 

@@ -185,21 +185,38 @@ def attribute_word_embeddings(labels: dict[str, list[str]], tokenizer, table: Te
 
 
 def word_positions(targets: Tensor) -> Tensor:
-    """[N, n] bool over object targets [N, n, K] (data.object_targets): the tokens distill.word_weight holds,
-    those where an object's centre lies and every attribute is known (a box too small to cover its own centre
-    cell's centre leaves them unknown). The count columns after the attributes are never ignored there."""
-    return (targets[..., 0] == 1) & (targets[..., 1:] != IGNORE_INDEX).all(-1)
+    """[N, n] bool over object targets [N, n, K] (data.object_targets): the tokens where an object's centre lies."""
+    return targets[..., 0] == 1
+
+
+def word_map(targets: Tensor, words: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """distill.word_weight's targets from object targets [N, n, K]: each object written as its attribute words in
+    a row, as the LLM reads " red circle": the first attribute's embedding at its centre token, the second's at
+    the next token, and so on (a word past the tile's end is dropped; where two objects' words meet, a centre
+    keeps its own first word). Returns the map [N, n, C] (fp32) and bool masks [N, n] of the tokens it writes
+    and of the quiet tokens: every other token of a tile with objects, where the map is zero."""
+    N, n, _ = targets.shape
+    tile, pos = word_positions(targets).nonzero(as_tuple=True)
+    target = torch.zeros(N, n, words[0].shape[1], device=targets.device)
+    written = torch.zeros(N, n, dtype=torch.bool, device=targets.device)
+    for i in reversed(range(len(words))):  # first words last: they win where two objects meet
+        ok = pos + i < n
+        t, p = tile[ok], pos[ok]
+        target[t, p + i] = words[i].to(targets.device)[targets[t, p, 1 + i]]
+        written[t, p + i] = True
+    return target, written, (targets[..., 0] != IGNORE_INDEX) & ~written
 
 
 def word_loss(x: Tensor, targets: Tensor, words: list[Tensor]) -> Tensor:
-    """Sum over the image tokens x [N, n, C] at `word_positions(targets)` of the relative squared error against
-    sum(attribute word embeddings) / sqrt(attributes)."""
-    keep = word_positions(targets)
-    if not bool(keep.any()):
-        return x.sum() * 0.0
-    chosen = targets[..., 1:1 + len(words)][keep]  # [K, A] value indices
-    target = sum(w.to(x.device)[chosen[:, i]] for i, w in enumerate(words)) / math.sqrt(len(words))
-    return relative_error(x[keep], target).sum()
+    """Sum over objects of the squared error of the image tokens x [N, n, C] against `word_map`, in units of the
+    vocabulary's mean squared word norm, averaged over each object's words. The quiet tokens count in all as
+    much as the written ones: a scene's blanks outnumber its words about 20:1 and would otherwise teach the
+    module to write nothing."""
+    target, written, quiet = word_map(targets, words)
+    scale = torch.cat(words).pow(2).sum(-1).mean().to(x.device)
+    err = (x.float() - target).pow(2).sum(-1) / scale  # [N, n]
+    blank = written.sum() / quiet.sum().clamp(min=1)
+    return (err[written].sum() + err[quiet].sum() * blank) / len(words)
 
 
 def object_loss(logits: Tensor, targets: Tensor, sizes: list[int]) -> Tensor:
@@ -338,12 +355,15 @@ class StageModule(nn.Module):
         return out
 
     def _module_image(self, x: Tensor, embed_args: list) -> Tensor:
-        """Sum over the image tokens of the relative squared error of the module's outputs `x` [B, T, C]
-        against the reference module's on the same `embed_args` (those of HoVLE.embed)."""
+        """Sum over the image tokens of the squared error of the module's outputs `x` [B, T, C] against the
+        reference module's on the same `embed_args` (those of HoVLE.embed), in units of the reference's mean
+        squared norm over the batch's image tokens. One unit per batch, not each token's own norm: a word map's
+        quiet tokens are near zero, and a per-token relative error weights them far above its words, which
+        then drift (docs/hovle-tiny.md, session 35)."""
         image = embed_args[0] == self.model.config.embedding.img_context_token_id  # [B, T]
         with torch.no_grad():
-            target = self.vision_reference.embed(*embed_args)
-        return relative_error(x[image], target[image]).sum()
+            target = self.vision_reference.embed(*embed_args)[image].float()  # [K, C]
+        return (x[image].float() - target).pow(2).sum() / target.pow(2).sum(-1).mean().clamp(min=1e-12)
 
     def _vision_kl(self, b: dict, logits: Tensor, keep: Tensor) -> Tensor:
         """Sum over the target positions of image rows of KL(reference || model); `logits` [K, V] are
