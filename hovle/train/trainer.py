@@ -361,6 +361,8 @@ class StageModule(nn.Module):
         quiet tokens are near zero, and a per-token relative error weights them far above its words, which
         then drift (docs/hovle-tiny.md, session 35)."""
         image = embed_args[0] == self.model.config.embedding.img_context_token_id  # [B, T]
+        if not bool(image.any()):
+            return x.sum() * 0.0  # a text-only batch; keeps every process's graph the same shape under DDP
         with torch.no_grad():
             target = self.vision_reference.embed(*embed_args)[image].float()  # [K, C]
         return (x[image].float() - target).pow(2).sum() / target.pow(2).sum(-1).mean().clamp(min=1e-12)
