@@ -384,7 +384,7 @@ def word_map_check(model_dir: str | Path, captions: str | Path, n: int = 400) ->
     from hovle import HoVLE, load_tokenizer
     from hovle.tiny.data import COLORS, SHAPES, read_jsonl
     from hovle.train.data import object_targets
-    from hovle.train.trainer import attribute_word_embeddings, word_map
+    from hovle.train.trainer import attribute_word_embeddings, word_map, word_positions
 
     captions = Path(captions)
     rows = [r for r in read_jsonl(captions) if r.get("objects")][:n]
@@ -395,7 +395,7 @@ def word_map_check(model_dir: str | Path, captions: str | Path, n: int = 400) ->
     targets = torch.stack([object_targets(r["objects"], labels, grid) for r in rows])  # [N, n, K]
     x = _image_tokens(model, captions.parent, [r["image"] for r in rows])  # [N, n, C]
     _, _, quiet = word_map(targets, words)
-    centre = targets[..., 0] == 1
+    centre = word_positions(targets)
     tile, pos = centre.nonzero(as_tuple=True)
     color_hit = torch.cdist(x[tile, pos], words[0]).argmin(-1) == targets[tile, pos, 1]
     shaped = (pos + 1 < grid * grid) & ~centre[tile, (pos + 1).clamp(max=grid * grid - 1)]

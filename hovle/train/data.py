@@ -142,13 +142,14 @@ def object_targets(objects: list[dict], labels: dict[str, list[str]], grid: int)
         dist = (u - cx) ** 2 + (v - cy) ** 2
         cover = (u >= x0) & (u <= x1) & (v >= y0) & (v <= y1) & (dist < best)
         best = torch.where(cover, dist, best)
+        attrs = []
         for attr, values in labels.items():
             if o.get(attr) not in values:
                 raise BadSample("bad_record", f"object {attr} {o.get(attr)!r} is not one of distill.object_labels"
                                               f"[{attr!r}] {values}")
-        centres.append((row, col, [values.index(o[attr]) for attr, values in labels.items()]))
-        for i, values in enumerate(labels.values()):
-            out[..., 1 + i][cover] = centres[-1][2][i]
+            attrs.append(values.index(o[attr]))
+        out[..., 1:][cover] = torch.tensor(attrs)
+        centres.append((row, col, attrs))
         counts[row * grid + col:] += torch.tensor([all(o[a] == v for a, v in c.items()) for c in classes])
     for row, col, attrs in centres:
         out[row, col] = torch.tensor([1, *attrs])
